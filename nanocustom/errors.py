@@ -4,5 +4,5 @@ Scripts print it to stderr and exit non-zero, without a traceback.
 """
 
 
-class NanocustomError(Exception):
+class NanocustomError(ValueError):
     pass
