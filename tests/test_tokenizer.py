@@ -1,14 +1,13 @@
 """Our CLIP tokenizer against transformers' CLIPTokenizer, built offline from the same merges file."""
 
-import gzip
-import json
 import warnings
 
 import pytest
 import torch
 import transformers
 
-from nanocustom.tokenizer import BPE_PATH, Tokenizer
+from helpers import write_clip_tokenizer_files
+from nanocustom.tokenizer import Tokenizer
 
 LONG = "a highly detailed oil painting of a lighthouse on a cliff at dusk, dramatic clouds, " * 6
 PROMPTS = [
@@ -76,14 +75,6 @@ PROMPTS = [
 ]
 
 
-def byte_symbols():
-    """OpenAI's 256 byte symbols, written another way: printable Latin-1 stands for itself, the other 68 bytes
-    (controls, space, nbsp, soft hyphen) get chr(256 + i) in byte order."""
-    keep = [b for b in range(256) if chr(b).isprintable() and b != ord(" ")]
-    moved = [b for b in range(256) if b not in keep]
-    return [chr(b) for b in keep] + [chr(256 + i) for i in range(len(moved))]
-
-
 @pytest.fixture(scope="module")
 def tok():
     return Tokenizer()
@@ -91,16 +82,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def ref_dir(tmp_path_factory):
-    """vocab.json + merges.txt as in openai/clip-vit-large-patch14, made from the shipped .gz."""
-    lines = gzip.open(BPE_PATH, "rt", encoding="utf-8").read().split("\n")
-    merges = lines[1 : 49152 - 256 - 2 + 1]
-    symbols = byte_symbols()
-    vocab = symbols + [s + "</w>" for s in symbols] + [m.replace(" ", "") for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    d = tmp_path_factory.mktemp("clip_tokenizer")
-    (d / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False), "utf-8")
-    (d / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", "utf-8")
-    return d
+    return write_clip_tokenizer_files(tmp_path_factory.mktemp("clip_tokenizer"))
 
 
 def make_ref(ref_dir):
