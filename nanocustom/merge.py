@@ -1,0 +1,228 @@
+"""Merging fine-tuned cross-attention weights, Custom Diffusion (Kumari et al., CVPR 2023).
+
+Two concepts fine-tuned apart give two sets of cross-attention key/value projections. §3.2
+("Multiple-concept compositional fine-tuning") merges them into one by a constrained least-squares
+problem per matrix, Eq. 4, solved in closed form by Lagrange multipliers, Eq. 5, derived in
+Appendix A, Eq. 6-9. Appendix B ("Model compression") stores each fine-tuned delta in low rank.
+
+Symbols as in the paper (the paper's feature width d is written `dim` here, as `d` is also Eq. 5's
+matrix):
+    W0     [o, dim]      a pretrained key or value projection (attn2.to_k / attn2.to_v of one layer)
+    C      [s, dim]      text features of the s target-caption tokens of all N concepts
+    V      [o, s]        their targets: column i is W_n c_i for the fine-tuned W_n of c_i's concept
+    C_reg  [s_reg, dim]  text features of the regularization captions (~1000 captions in the paper)
+    d      [s, dim]      C (C_reg^T C_reg)^-1, Eq. 5
+
+This part is matrix-level. All the linear algebra runs in float64 by factorisation (Cholesky of
+C_reg^T C_reg and of d C^T, never an explicit inverse) and returns the input's dtype. Whatever
+depends only on C_reg (`RegularizerGram`) or on C and C_reg (`MergeSolver`) is factorised once and
+reused for all 32 K/V matrices of SD v1 (16 cross-attention layers x K and V).
+
+Where Eq. 5's assumptions fail, each fallback warns and returns finite weights:
+  - rank(C_reg) < dim: ridge on the Gram matrix (`RegularizerGram`);
+  - dependent constraint rows (d C^T singular): pseudo-inverse solution, which still satisfies the
+    constraints exactly when they are consistent (`MergeSolver`);
+  - inconsistent constraints (no W satisfies W C^T = V): the same pseudo-inverse solution is their
+    least-squares fit; the warning gives the residual.
+"""
+import warnings
+
+import torch
+
+from nanocustom.errors import NanocustomError
+
+RIDGE = 1e-6  # ridge for a rank-deficient C_reg^T C_reg, as a fraction of its mean eigenvalue trace/dim
+EPS = torch.finfo(torch.float64).eps
+
+
+def _inexact_tol(dtype):
+    """Relative residual above which the targets of a constraint set are called inconsistent.
+
+    sqrt(eps) of the dtype they came in: half its digits, so float32 targets rounded from the same
+    W_n c_i are not reported, while genuinely different targets are.
+    """
+    return torch.finfo(dtype).eps ** 0.5
+
+
+# -----------------------------------------------------------------------------
+# Closed-form merge, §3.2 Eq. 4-5 and Appendix A Eq. 6-9
+
+class RegularizerGram:
+    """C_reg^T C_reg and its Cholesky factor, computed once per regularization set.
+
+    Forming the Gram matrix (s_reg x dim x dim multiply-adds) is the most expensive step of the
+    merge; it depends on neither the concepts nor the layer, so one serves every matrix and any C.
+    """
+
+    def __init__(self, C_reg, rel_ridge=RIDGE):
+        C_reg = C_reg.to(torch.float64)
+        s_reg, dim = C_reg.shape
+        G = C_reg.T @ C_reg  # Eq. 8: C_reg^T C_reg, [dim, dim]
+        lam = torch.linalg.eigvalsh(G)  # ascending
+        self.rank = int((lam > dim * EPS * lam[-1]).sum())  # torch.linalg.matrix_rank's tolerance
+        self.ridge = 0.0  # added to G's diagonal, in G's units
+        L, info = torch.linalg.cholesky_ex(G)
+        if self.rank < dim or info > 0:
+            # Fallback. Eq. 5 assumes "C_reg is non-degenerate" (App. A, above Eq. 9). With
+            # rank(C_reg) < dim the objective of Eq. 4 ignores W's action outside C_reg's row space,
+            # so the minimiser is not unique. Adding ridge * I to the Gram matrix adds
+            # ridge * ||W - W0||_F^2 to the objective: among the minimisers it picks (as ridge -> 0)
+            # the one that moves W0 least. Scaled to G's mean eigenvalue, it is unit-free.
+            mean_eig = float(G.trace()) / dim
+            self.ridge = rel_ridge * (mean_eig if mean_eig > 0 else 1.0)
+            warnings.warn(f"C_reg^T C_reg is singular (C_reg has rank {self.rank} of dim {dim}, {s_reg} rows) and Eq. 5 "
+                          f"needs it invertible; adding a ridge of {rel_ridge:g} x trace/dim = {self.ridge:.3g} "
+                          f"(the merge then moves W0 least outside C_reg's span)")
+            G = G + self.ridge * torch.eye(dim, dtype=G.dtype, device=G.device)
+            L = torch.linalg.cholesky(G)
+        self.L, self.dim = L, dim  # G = L L^T
+
+
+class MergeSolver:
+    """Eq. 5 for one constraint set C: factorise once, then merge each (W0, V) pair cheaply.
+
+    solver = MergeSolver(C, C_reg)        # or MergeSolver(C, gram=RegularizerGram(C_reg))
+    W = solver.solve(W0, V)               # for each of the 32 K/V matrices
+    """
+
+    def __init__(self, C, C_reg=None, gram=None):
+        if (C_reg is None) == (gram is None):
+            raise NanocustomError("pass exactly one of C_reg (a [s_reg, dim] tensor) or gram (a RegularizerGram)")
+        gram = RegularizerGram(C_reg) if gram is None else gram
+        C = C.to(torch.float64)
+        if C.ndim != 2 or C.shape[1] != gram.dim:
+            raise NanocustomError(f"C must be [s, {gram.dim}] to match C_reg, got {list(C.shape)}")
+        self.gram, self.C_all = gram, C
+
+        # Exactly repeated rows of C (a token with the same features in two captions, as composenW.py
+        # finds) are one constraint: drop the copies here, and fit the mean of their targets in solve().
+        # Near-duplicates are left to the rank test on d C^T below: a row tolerance would decide which of
+        # two different targets wins, a modelling choice rather than a numerical one.
+        self.C, self.group = torch.unique(C, dim=0, return_inverse=True)  # group: row of C -> row of self.C
+        s = self.C.shape[0]
+
+        # Eq. 9's d and d C^T through the Cholesky factor L of G = C_reg^T C_reg = L L^T. With A = L^-1 C^T,
+        #   d^T = G^-1 C^T = L^-T A   and   d C^T = C L^-T L^-1 C^T = A^T A:
+        # the same matrices, with d C^T formed as a Gram matrix, so it is symmetric positive semi-definite
+        # by construction and singular exactly as far as the rows of C are dependent, up to rounding.
+        A = torch.linalg.solve_triangular(gram.L, self.C.T, upper=False)  # [dim, s]
+        self.d = torch.linalg.solve_triangular(gram.L.T, A, upper=True).T  # Eq. 5/9: d = C (C_reg^T C_reg)^-1
+        dCT = A.T @ A  # Eq. 9: d C^T, [s, s]
+        # Rank of d C^T: eigenvalues below the rounding of its length-dim dot products, dim * eps of the
+        # largest, count as zero. For the columns of A that is a dependency to within sqrt(dim * eps) ~ 4e-7
+        # of the largest (SD's dim = 768), a few float32 roundings: near-duplicates at the precision the
+        # features come in are merged, anything further apart is honoured as Eq. 4 asks.
+        self.rtol = gram.dim * EPS
+        lam = torch.linalg.eigvalsh(dCT)  # ascending
+        self.rank = int((lam > self.rtol * lam[-1]).sum()) if s > 0 else 0
+        L, info = torch.linalg.cholesky_ex(dCT)
+        if self.rank == s and info == 0:
+            self.L_dCT, self.dCT_pinv = L, None  # d C^T = L_dCT L_dCT^T
+        else:
+            # Fallback. Linearly dependent rows of C make d C^T singular and (d C^T)^-1 of Eq. 9 undefined.
+            # Writing G = L L^T, Eq. 4 is min ||(W - W0) L|| s.t. (W - W0) L (L^-1 C^T) = V - W0 C^T, whose
+            # minimum-norm least-squares solution is W = W0 + (V - W0 C^T) (d C^T)^+ d: Eq. 9 with the
+            # pseudo-inverse. It satisfies consistent constraints exactly and fits inconsistent ones in
+            # least squares (||W C^T - V||_F smallest), then minimises Eq. 4's objective.
+            self.L_dCT, self.dCT_pinv = None, torch.linalg.pinv(dCT, hermitian=True, rtol=self.rtol)
+            warnings.warn(f"d C^T is singular (rank {self.rank} of {s} constraints after removing "
+                          f"{C.shape[0] - s} duplicate rows): the rows of C are linearly dependent; "
+                          f"using the pseudo-inverse (least-squares) solution of Eq. 9")
+
+    def solve(self, W0, V):
+        """W = argmin ||W C_reg^T - W0 C_reg^T||_F s.t. W C^T = V (Eq. 4, restated as Eq. 6), in W0's dtype."""
+        o, dim = W0.shape
+        if dim != self.gram.dim or V.shape != (o, self.C_all.shape[0]):
+            raise NanocustomError(f"W0 must be [o, {self.gram.dim}] and V [o, {self.C_all.shape[0]}], "
+                             f"got W0 {list(W0.shape)} and V {list(V.shape)}")
+        dtype, tol = W0.dtype, _inexact_tol(V.dtype)
+        W0, V_all = W0.to(torch.float64), V.to(torch.float64)
+        V = self._merge_duplicate_targets(V_all, tol)
+
+        R = V - W0 @ self.C.T  # Eq. 9: V - W0 C^T, [o, s]
+        if self.dCT_pinv is None:
+            # Eq. 9: the Lagrange multipliers of Eq. 7, v^T = (V - W0 C^T)(d C^T)^-1 (d C^T symmetric)
+            vT = torch.cholesky_solve(R.T, self.L_dCT).T  # [o, s]
+        else:
+            vT = R @ self.dCT_pinv  # fallback (see __init__): (d C^T)^+ in place of (d C^T)^-1
+        W = W0 + vT @ self.d  # Eq. 5, from Eq. 8 (Eq. 7's gradient = 0): W = W0 + v^T d
+
+        if self.dCT_pinv is not None:
+            residual = float(torch.linalg.norm(W @ self.C_all.T - V_all) / torch.linalg.norm(V_all).clamp_min(EPS))
+            if residual > tol:
+                warnings.warn(f"inconsistent constraints: no W satisfies W C^T = V; returning the least-squares "
+                              f"fit, relative residual ||W C^T - V||/||V|| = {residual:.3g}")
+        return W.to(dtype)
+
+    def _merge_duplicate_targets(self, V, tol):
+        """V's columns for the unique rows of C: the mean over each group of repeated rows.
+
+        The mean is the least-squares fit of W c = V_i for all copies i; it is their common value when
+        they agree. (composenW.py keeps the first copy's target instead.)
+        """
+        s = self.C.shape[0]  # (torch.unique sorts, so this also puts V's columns in self.C's order)
+        counts = torch.bincount(self.group, minlength=s).to(V.dtype)
+        V_mean = torch.zeros(V.shape[0], s, dtype=V.dtype, device=V.device).index_add_(1, self.group, V) / counts
+        spread = float(torch.linalg.norm(V - V_mean[:, self.group]) / torch.linalg.norm(V).clamp_min(EPS))
+        if spread > tol:
+            warnings.warn(f"inconsistent constraints: repeated rows of C have different targets in V (relative "
+                          f"spread {spread:.3g}); fitting their mean in least squares")
+        return V_mean
+
+
+def lagrangian_merge(W0, C, V, C_reg=None, gram=None):
+    """One-shot Eq. 5: argmin_W ||W C_reg^T - W0 C_reg^T||_F s.t. W C^T = V, in W0's dtype.
+
+    W0 [o, dim], C [s, dim], V [o, s], C_reg [s_reg, dim]; or, instead of C_reg, a precomputed
+    gram=RegularizerGram(C_reg). For many matrices with the same C, build one MergeSolver.
+    """
+    return MergeSolver(C, C_reg, gram).solve(W0, V)
+
+
+# -----------------------------------------------------------------------------
+# Low-rank compression, Appendix B
+
+def compress_delta(W, W0, keep):
+    """Appendix B: ΔW = W - W0 as U S (top singular values) and V^T, in W's dtype.
+
+    The SVD runs in float32, or float64 for float64 input: the delta is known no better than that,
+    and float64 would double the time of 32 SVDs of up to 1280 x 768 for no change in the rank.
+
+    Keeps the fewest top singular values whose cumulative sum reaches the fraction `keep` of their
+    total: "singular values till the rank where cumulative sum is k% of total sum of singular
+    values" (App. B). Sums of s, not s^2, as in the authors' src/compress.py. That loop stops one
+    value earlier (it keeps those strictly before the one that crosses the ratio, so ratio 1 drops
+    the last one and one dominant value gives rank 0); here keep = 1 keeps them all.
+    """
+    if not 0 < keep <= 1:  # also rejects nan
+        raise NanocustomError(f"keep must be in (0, 1], the fraction of the sum of singular values to keep; got {keep}")
+    if W.shape != W0.shape:
+        raise NanocustomError(f"W and W0 must have the same shape, got {list(W.shape)} and {list(W0.shape)}")
+    dtype = torch.promote_types(W.dtype, torch.float32)
+    delta = W.to(dtype) - W0.to(dtype)
+    U, S, Vt = torch.linalg.svd(delta, full_matrices=False)  # S descending
+    total = S.sum()
+    if total == 0:
+        rank = 0  # W == W0: nothing to store
+    else:
+        reached = S.cumsum(0) / total  # fraction of the sum kept by the top 1, 2, ... values
+        rank = min(int((reached < keep).sum()) + 1, S.numel())
+    US = U[:, :rank] * S[:rank]  # U diag(S), [o, rank]
+    return US.to(W.dtype), Vt[:rank].to(W.dtype)
+
+
+def decompress_delta(US, Vt, W0):
+    """W = W0 + (U S) V^T, in W0's dtype."""
+    return (W0.to(torch.float64) + US.to(torch.float64) @ Vt.to(torch.float64)).to(W0.dtype)
+
+
+def delta_storage(W0, US, Vt):
+    """Storage of one delta: full (a dense [o, dim] matrix in W0's dtype) and low rank (U S and V^T)."""
+    full_params, low_params = W0.numel(), US.numel() + Vt.numel()
+    return {
+        "full_params": full_params,
+        "low_rank_params": low_params,
+        "full_bytes": full_params * W0.element_size(),
+        "low_rank_bytes": US.numel() * US.element_size() + Vt.numel() * Vt.element_size(),
+        "ratio": full_params / low_params if low_params else float("inf"),
+    }
