@@ -1,0 +1,164 @@
+"""The shapes world: deterministic renders, captions that parse back, held-out concepts kept out of
+pretraining, and an evaluator that reads fresh renders right."""
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nanocustom.errors import NanocustomError
+from nanocustom.toy import (BACKGROUNDS, CONCEPTS, CONCEPTS_DIR, COLOURS, HELDOUT_SEED, Obj, Scene, background_preservation,
+                            caption, complete_scene, concept_presence, concept_scene, export_concepts,
+                            heldout_accuracy, load_evaluator, parse_caption, prompt_adherence, random_scene, render,
+                            render_concept, render_prompt, sample_batch)
+
+torch.set_num_threads(1)
+FLAGS = ("colour", "size", "position", "background", "photo")
+
+
+def test_same_seed_renders_same_pixels_and_another_seed_does_not():
+    a, captions_a, _ = sample_batch(16, seed=3)
+    b, captions_b, _ = sample_batch(16, seed=3)
+    c, _, _ = sample_batch(16, seed=4)
+    assert a.dtype == np.uint8 and a.shape == (16, 64, 64, 3)
+    assert np.array_equal(a, b) and captions_a == captions_b
+    assert not np.array_equal(a, c)
+
+
+def test_the_required_caption_forms_read_back():
+    rng = np.random.default_rng(0)
+    circle = Obj("circle", "red", "medium", "left")
+    square = Obj("square", "green", "medium", "right")
+    pair = complete_scene(Scene([circle, square], "blue"), rng)
+    lone = complete_scene(Scene([Obj("circle", "red", "medium")], "blue"), rng)
+    assert caption(lone) == "a red circle"
+    assert caption(lone, background=True) == "a red circle on a blue background"
+    assert caption(pair) == "a red circle and a green square"
+    assert caption(pair, position=True) == "a red circle on the left and a green square on the right"
+    for size in ("small", "big"):
+        lone.objects[0].size = size
+        assert caption(lone, size=True) == f"a {size} red circle"
+    assert caption(lone, colour=False, photo=True) == "photo of a circle"
+
+
+@pytest.mark.parametrize("with_concepts", [False, True])
+def test_every_caption_style_round_trips_through_parse_caption(with_concepts):
+    rng = np.random.default_rng(1)
+    for _ in range(40):
+        scene = random_scene(rng, concept_prob=0.5 if with_concepts else 0.0)
+        for values in itertools.product([False, True], repeat=len(FLAGS)):
+            said = dict(zip(FLAGS, values))
+            parsed = parse_caption(caption(scene, **said))
+            expected = Scene([Obj(o.shape, o.colour if said["colour"] and not o.concept else None,
+                                  o.size if said["size"] and o.size != "medium" else None,
+                                  o.position if said["position"] else None, o.concept) for o in scene.objects],
+                             scene.background if said["background"] else None)
+            assert parsed.attributes() == expected.attributes(), caption(scene, **said)
+
+
+def test_parse_caption_reads_personalization_prompts():
+    spec = parse_caption("photo of a <new1> square")
+    assert spec.attributes() == ([("square", None, None, None, "striped_square")], None)
+    spec = parse_caption("A photo of a sks circle on the left and a big red star on an orange background.",
+                         tokens={"split_circle": "sks"})
+    assert spec.attributes() == ([("circle", None, None, "left", "split_circle"), ("star", "red", "big", None, None)],
+                                 "orange")
+    assert parse_caption("a circle in the centre").objects[0].position == "centre"
+    for bad in ["a red dog", "red circle", "a shiny red circle", "a red circle on a pink background", "a <new9> star"]:
+        with pytest.raises(NanocustomError):
+            parse_caption(bad)
+
+
+def test_pretraining_samples_never_draw_or_name_a_concept():
+    images, captions, labels = sample_batch(500, seed=5)
+    occupied = labels["shape"] > 0
+    assert (labels["concept"][occupied] == 0).all() and (labels["concept"][~occupied] == -1).all()
+    assert not any("<" in c for c in captions)
+    _, _, labels = sample_batch(200, seed=5, concept_prob=0.5)
+    assert (labels["concept"] > 0).any()  # the labels do see concepts when they are asked for
+
+
+def test_backgrounds_never_share_a_colour_with_an_object():
+    rng = np.random.default_rng(6)
+    for _ in range(300):
+        scene = random_scene(rng, concept_prob=0.3)
+        colours = {c for o in scene.objects for c in (CONCEPTS[o.concept].colours if o.concept else [o.colour])}
+        assert scene.background not in colours
+        assert len(scene.objects) in (1, 2)
+        if len(scene.objects) == 2:
+            assert {o.position for o in scene.objects} == {"left", "right"}
+            a, b = scene.objects
+            assert (a.shape, a.colour, a.concept) != (b.shape, b.colour, b.concept)
+
+
+def test_shipped_concept_folders_are_what_export_concepts_writes(tmp_path):
+    export_concepts(tmp_path)
+    for name in CONCEPTS:
+        shipped = sorted(p.name for p in (CONCEPTS_DIR / name).iterdir())
+        assert shipped == [f"{i:02d}.png" for i in range(6)]
+        for file in shipped:
+            assert np.array_equal(np.asarray(Image.open(CONCEPTS_DIR / name / file)),
+                                  np.asarray(Image.open(tmp_path / name / file)))
+
+
+def test_render_concept_varies_and_keeps_beside_objects():
+    rng = np.random.default_rng(7)
+    images = [render_concept("split_circle", rng) for _ in range(4)]
+    assert all(im.shape == (64, 64, 3) for im in images) and not np.array_equal(images[0], images[1])
+    scene = concept_scene("striped_square", rng, beside="object")
+    assert sorted(o.concept or "-" for o in scene.objects) == ["-", "striped_square"]
+    scene = concept_scene("striped_square", rng, beside="checkered_star")
+    assert sorted(o.concept for o in scene.objects) == ["checkered_star", "striped_square"]
+
+
+def test_evaluator_reads_every_head_of_unseen_renders():
+    accuracy = heldout_accuracy(load_evaluator(), n=600, seed=HELDOUT_SEED + 7)
+    for head, value in accuracy.items():
+        assert value >= 0.95, (head, accuracy)
+
+
+def test_prompt_adherence_is_high_for_the_prompt_and_low_for_another():
+    prompts = ["a red circle", "a big blue star on a white background", "a small yellow heart",
+               "a purple cross on the left and an orange triangle on the right", "a green square and a black heart",
+               "photo of a <new1> square", "photo of a <new2> circle and a white star on a gray background",
+               "photo of a triangle"]
+    for i, prompt in enumerate(prompts):
+        images = render_prompt(prompt, 24, seed=100 + i)
+        assert prompt_adherence(images, prompt) >= 0.95, prompt
+        other = prompts[(i + 1) % len(prompts)]
+        assert prompt_adherence(images, other) <= 0.1, (prompt, other)
+    # a left/right swap and a wrong size are both caught
+    images = render_prompt("a red circle on the left and a green square on the right", 24, seed=1)
+    assert prompt_adherence(images, "a red circle on the right and a green square on the left") <= 0.1
+    assert prompt_adherence(render_prompt("a small red circle", 24, seed=2), "a big red circle") <= 0.1
+
+
+def test_prompt_adherence_accepts_floats_in_minus_one_to_one():
+    images = render_prompt("a blue heart", 8, seed=3)
+    floats = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    assert prompt_adherence(floats, "a blue heart") == prompt_adherence(images, "a blue heart") == 1.0
+
+
+def test_concept_presence_finds_the_concept_and_only_it():
+    rng = np.random.default_rng(8)
+    for name in CONCEPTS:
+        images = np.stack([render_concept(name, rng, beside="object" if i % 2 else None) for i in range(16)])
+        assert concept_presence(images, name) >= 0.95
+        others = [c for c in CONCEPTS if c != name]
+        assert all(concept_presence(images, other) <= 0.05 for other in others)
+    assert concept_presence(sample_batch(64, seed=9)[0], "striped_square") <= 0.05
+
+
+def test_background_preservation_is_one_for_the_same_image_and_low_for_another_background():
+    rng = np.random.default_rng(10)
+    scene = complete_scene(parse_caption("a red circle on a blue background"), rng)
+    image = render(scene)[None]
+    assert background_preservation(image, image) == 1.0
+    moved = Scene([Obj("square", "red", "big", "right", x=47, y=32, r=14)], "blue")
+    assert background_preservation(image, render(moved)[None]) == 1.0  # objects differ, the background is kept
+    for other in ("green", "gray", "white"):
+        changed = Scene(scene.objects, other)
+        assert background_preservation(image, render(changed)[None]) <= 0.05
+    with pytest.raises(NanocustomError):
+        background_preservation(image, np.concatenate([image, image]))
