@@ -1,0 +1,88 @@
+"""Text to image with Stable Diffusion v1 (Rombach et al. 2022): encode the prompt, denoise latents, decode.
+
+Classifier-free guidance (Ho & Salimans 2022): eps = eps(x, "") + w * (eps(x, prompt) - eps(x, "")), with the
+empty prompt replaced by a negative prompt when one is given. The latent scale is applied here and only here.
+"""
+import numpy as np
+import torch
+
+from nanocustom.diffusion import Diffusion, guided, sample
+from nanocustom.errors import NanocustomError
+
+
+@torch.no_grad()
+def encode_prompts(sd, prompts):
+    """list[str] -> CLIP token features [B, 77, hidden], the UNet's cross-attention context."""
+    ids = sd.tokenizer.encode(prompts).to(sd.device)
+    return sd.text_encoder(ids).to(sd.dtype)
+
+
+def images_to_latents(sd, images, generator=None):
+    """Images in [-1, 1] [B, 3, H, W] -> scaled latents: a sample of the posterior times the latent scale."""
+    mean, logvar = sd.vae.encode(images.to(sd.device, sd.dtype))
+    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return (mean + torch.exp(0.5 * logvar) * noise) * sd.latent_scale
+
+
+@torch.no_grad()
+def latents_to_images(sd, latents):
+    """Scaled latents -> images in [-1, 1] [B, 3, H, W]."""
+    return sd.vae.decode(latents.to(sd.dtype) / sd.latent_scale).float()
+
+
+def to_uint8(images):
+    """Images in [-1, 1] [B, 3, H, W] -> uint8 numpy [B, H, W, 3]."""
+    images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return images.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def initial_noise(sd, n, height, width, generator):
+    """x_T ~ N(0, I) in latent space, drawn on the CPU so a seed gives the same images on every device."""
+    f = sd.vae.downsampling_factor
+    shape = (n, sd.unet.config.in_channels, height // f, width // f)
+    return torch.randn(shape, generator=generator).to(sd.device, sd.dtype)
+
+
+def check_size(sd, height, width):
+    f = sd.vae.downsampling_factor
+    for name, size in (("height", height), ("width", width)):
+        if size <= 0 or size % f:
+            raise NanocustomError(f"--{name} {size} is not a positive multiple of {f}; use e.g. {max(f, size // f * f)}")
+
+
+@torch.no_grad()
+def generate(sd, prompts, negative_prompt="", steps=50, sampler="ddim", eta=0.0, guidance=7.5, seed=0,
+             height=None, width=None, latents=None, progress=True, callback=None):
+    """prompts (one per image) -> uint8 images [B, H, W, 3]. Pass `latents` to start from given noise."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    height, width = height or sd.resolution, width or sd.resolution
+    check_size(sd, height, width)
+    generator = torch.Generator().manual_seed(seed)  # x_T, then the fresh noise of DDPM / DDIM with eta > 0,
+    if latents is None:                               # drawn in diffusers' order so its pipeline gives our images
+        latents = initial_noise(sd, len(prompts), height, width, generator)
+    context = encode_prompts(sd, prompts)
+    use_guidance = guidance > 1.0  # as diffusers: w <= 1 skips the unconditional pass
+    if use_guidance:
+        context = torch.cat([encode_prompts(sd, [negative_prompt] * len(prompts)), context])
+
+    def model_fn(x, t):
+        if not use_guidance:
+            return sd.unet(x, t, context)
+        eps_uncond, eps_cond = sd.unet(torch.cat([x, x]), torch.cat([t, t]), context).chunk(2)
+        return guided(eps_cond, eps_uncond, guidance)
+
+    x0 = sample(model_fn, latents, steps=steps, sampler=sampler, eta=eta, generator=generator,
+                prediction_type=sd.prediction_type, diffusion=Diffusion(), progress=progress, callback=callback)
+    return to_uint8(latents_to_images(sd, x0))
+
+
+def image_grid(images, columns=None):
+    """uint8 [B, H, W, 3] -> one uint8 [rows*H, columns*W, 3] grid."""
+    B, H, W, C = images.shape
+    columns = columns or int(np.ceil(np.sqrt(B)))
+    rows = int(np.ceil(B / columns))
+    grid = np.zeros((rows * H, columns * W, C), dtype=np.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        grid[r * H:(r + 1) * H, c * W:(c + 1) * W] = image
+    return grid

@@ -1,0 +1,96 @@
+"""Generate images with Stable Diffusion v1 or the shipped shapes model.
+
+    python sample.py --prompt "a red circle on a blue background"              # the shapes model (CPU, seconds)
+    python sample.py --ckpt weights/v1-5-pruned-emaonly.safetensors --prompt "a photo of a dog" --device cuda
+
+Writes one PNG per sample and a grid PNG to --out.
+"""
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from nanocustom.checkpoint import DEFAULT_CHECKPOINT, load
+from nanocustom.errors import NanocustomError
+from nanocustom.pipeline import generate, image_grid
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ckpt", default=None, help="SD v1 .safetensors/.ckpt path, or owner/repo/file on the Hub "
+                                                "(default: the shapes model in weights/)")
+    p.add_argument("--prompt", default="a red circle on a blue background")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity: 0 deterministic, 1 DDPM-like")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (<= 1: none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=int, default=4, help="number of images")
+    p.add_argument("--height", type=int, default=None, help="default: the model's native size")
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on the CPU")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="out", help="output directory (created if its parent exists)")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    for flag, ok, fix in (("--steps", args.steps > 0, "use at least 1"), ("--n", args.n > 0, "use at least 1"),
+                          ("--guidance", args.guidance >= 0, "use 0 or more (7.5 is SD's default)"),
+                          ("--eta", args.eta >= 0, "use a value in [0, 1]")):
+        if not ok:
+            raise NanocustomError(f"{flag} {getattr(args, flag[2:])} is out of range; {fix}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise NanocustomError(f"--out {out} is a file, not a directory; choose a directory")
+    if not out.parent.is_dir():
+        raise NanocustomError(f"--out {out}: {out.parent} is not an existing directory; create it or choose another")
+    if not os.access(out if out.exists() else out.parent, os.W_OK):
+        raise NanocustomError(f"--out {out} is not writable; choose a writable directory")
+
+
+def save_png(image, path):
+    """Write a PNG atomically: a temporary file in the same directory, then a rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
+    os.close(fd)
+    try:
+        Image.fromarray(image).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_args(args)
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if args.device.startswith("cuda") else torch.float32)
+    if args.ckpt is None:
+        print(f"using the shapes model ({DEFAULT_CHECKPOINT.name}); pass --ckpt for Stable Diffusion v1")
+    sd = load(args.ckpt, device=args.device, dtype=dtype)
+    images = generate(sd, [args.prompt] * args.n, negative_prompt=args.negative_prompt, steps=args.steps,
+                      sampler=args.sampler, eta=args.eta, guidance=args.guidance, seed=args.seed,
+                      height=args.height, width=args.width)
+    out = Path(args.out)
+    out.mkdir(exist_ok=True)
+    for i, image in enumerate(images):
+        save_png(image, out / f"{i:03d}.png")
+    save_png(image_grid(images), out / "grid.png")
+    print(f"wrote {len(images)} images and grid.png to {out}/")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except NanocustomError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
