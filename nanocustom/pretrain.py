@@ -1,0 +1,204 @@
+"""Pretraining the shapes model: a tiny Stable Diffusion v1, same classes, small configs, on `toy.py`'s world.
+
+Two stages, as Latent Diffusion trains (Rombach et al. 2022, §3):
+  1. the autoencoder, on images alone: reconstruction + a tiny KL term (§3.1, "KL-reg."; we drop the
+     perceptual and adversarial losses, which a world of flat shapes does not need);
+  2. the UNet and the text encoder together, on scaled latents of captioned images, with the DDPM loss
+     L_simple (Ho et al. 2020, Eq. 14; LDM Eq. 2) and 10% empty captions so that classifier-free guidance
+     works (Ho & Salimans 2022, §3.2). SD v1 reuses a frozen CLIP; our text encoder is trained here from
+     scratch, since CLIP's weights are too big to ship.
+The latent scale is set, as SD's 0.18215 was, to make the latents about unit variance (§4.3.2).
+
+    python -m nanocustom.pretrain                       # writes weights/shapes.safetensors (about 80 min, 2 cores)
+    python -m nanocustom.pretrain --unet-steps 200 --out /tmp/quick.safetensors   # a quick look
+    python -m nanocustom.pretrain --evaluate            # the quality figures of the README, by toy.py's evaluator
+"""
+import argparse
+import copy
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from nanocustom import toy
+from nanocustom.checkpoint import DEFAULT_CHECKPOINT, StableDiffusion, new_model, save
+from nanocustom.clip import CLIPTextConfig
+from nanocustom.diffusion import Diffusion
+from nanocustom.unet import UNetConfig
+from nanocustom.vae import VAEConfig
+
+# 64x64 images -> 8x8x4 latents, as SD v1 maps 512x512 to 64x64x4 (a factor of 8).
+VAE_CONFIG = VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1)
+UNET_CONFIG = UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(1, 2, 4),
+                         num_heads=4, context_dim=64)
+TEXT_CONFIG = CLIPTextConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4)
+P_UNCOND = 0.1  # fraction of captions replaced by "" (classifier-free guidance)
+
+
+def to_model_images(images):
+    """uint8 [B, 64, 64, 3] -> float [B, 3, 64, 64] in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def train_vae(vae, steps, batch, lr, seed, log):
+    """Stage 1: L1 reconstruction of a posterior sample, plus 1e-6 * KL(q(z|x) || N(0, I))."""
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    for step in range(steps):
+        x = to_model_images(toy.sample_batch(batch, seed=[seed, 0, step])[0])
+        mean, logvar = vae.encode(x)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+        kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3)).mean()
+        loss = F.l1_loss(vae.decode(z), x) + 1e-6 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        for group in opt.param_groups:  # cosine decay to 0
+            group["lr"] = lr * 0.5 * (1 + np.cos(np.pi * (step + 1) / steps))
+        if step % 50 == 0 or step == steps - 1:
+            log(f"vae  step {step:5d}/{steps}  l1 {loss.item():.4f}")
+    return vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def measure_latent_scale(vae, seed, n=512):
+    """1 / std of the latents, so the diffusion model sees unit variance (LDM §4.3.2)."""
+    mean, _ = vae.encode(to_model_images(toy.sample_batch(n, seed=[seed, 1])[0]))
+    return float(1.0 / mean.std())
+
+
+def save_samples(sd, folder, name, log):
+    """A grid of fixed prompts, to watch training (with --samples DIR)."""
+    from PIL import Image
+    from nanocustom.pipeline import generate, image_grid
+    prompts = ["a red circle", "a blue square on a yellow background", "a green triangle on the left",
+               "a big purple star", "a small orange heart on a white background", "a black cross",
+               "a red circle and a green square", "a yellow star on the left and a blue heart on the right"]
+    images = generate(sd, prompts, steps=20, guidance=5.0, progress=False)
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image_grid(images, columns=8)).resize((8 * 128, 128), Image.NEAREST).save(folder / f"{name}.png")
+    log(f"samples -> {folder / name}.png")
+
+
+def train_diffusion(sd, steps, batch, lr, seed, log, ema_decay=0.999, samples=None):
+    """Stage 2: eps-prediction on scaled latents; the UNet and text encoder learn together. Returns EMA weights."""
+    diffusion = Diffusion()
+    modules = torch.nn.ModuleDict({"unet": sd.unet, "text_encoder": sd.text_encoder}).train().requires_grad_(True)
+    ema = copy.deepcopy(modules).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(modules.parameters(), lr=lr, weight_decay=0.01)
+    generator = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        images, captions, _ = toy.sample_batch(batch, seed=[seed, 2, step])
+        drop = torch.rand(batch, generator=generator) < P_UNCOND
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        with torch.no_grad():
+            mean, logvar = sd.vae.encode(to_model_images(images))
+            x0 = (mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator)) * sd.latent_scale
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.randint(0, diffusion.T, (batch,), generator=generator)
+        context = sd.text_encoder(sd.tokenizer.encode(captions))
+        loss = F.mse_loss(sd.unet(diffusion.add_noise(x0, noise, t), t, context), noise)  # L_simple
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
+        for group in opt.param_groups:  # linear warm-up, then cosine decay
+            group["lr"] = lr * min(1.0, (step + 1) / 200) * 0.5 * (1 + np.cos(np.pi * step / steps))
+        opt.step()
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), modules.parameters()):
+                e.lerp_(p, 1 - decay)
+        if step % 50 == 0 or step == steps - 1:
+            log(f"unet step {step:5d}/{steps}  loss {loss.item():.4f}")
+        if samples and (step + 1) % 500 == 0:
+            save_samples(StableDiffusion(**{**vars(sd), **ema}), samples, f"unet-{step + 1:05d}", log)
+    sd.unet, sd.text_encoder = ema["unet"], ema["text_encoder"]
+    return sd
+
+
+def pretrain(out=DEFAULT_CHECKPOINT, vae_steps=500, unet_steps=3000, vae_batch=16, batch=32, vae_lr=1e-3,
+             lr=5e-4, seed=0, threads=None, samples=None):
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    start = time.time()
+
+    def log(msg):
+        print(f"[{time.time() - start:7.0f}s] {msg}", flush=True)
+
+    sd = new_model(UNET_CONFIG, VAE_CONFIG, TEXT_CONFIG, resolution=toy.RES)
+    sd.vae = train_vae(sd.vae.train(), vae_steps, vae_batch, vae_lr, seed, log)
+    sd.latent_scale = measure_latent_scale(sd.vae, seed)
+    log(f"latent scale {sd.latent_scale:.4f}")
+    if samples:
+        from PIL import Image
+        from nanocustom.pipeline import image_grid, latents_to_images, to_uint8
+        x = to_model_images(toy.sample_batch(8, seed=[seed, 3])[0])
+        with torch.no_grad():
+            recon = to_uint8(latents_to_images(sd, sd.vae.encode(x)[0] * sd.latent_scale))
+        samples.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image_grid(np.concatenate([to_uint8(x), recon]), columns=8)).save(samples / "vae.png")
+    sd = train_diffusion(sd, unet_steps, batch, lr, seed, log, samples=samples)
+    save(sd, out, dtype=torch.float16, recipe=dict(vae_steps=vae_steps, unet_steps=unet_steps, vae_batch=vae_batch,
+                                                   batch=batch, vae_lr=vae_lr, lr=lr, seed=seed))
+    log(f"wrote {out}")
+
+
+def quality_prompts(seed=0, n=24):
+    """The prompts the README's quality figures use: n single-object prompts with a background, n two-object."""
+    rng = np.random.default_rng([seed, 4])
+    single, double = [], []
+    for _ in range(n):
+        shape, colour = rng.choice(toy.SHAPES), rng.choice(list(toy.COLOURS))
+        background = rng.choice([b for b in toy.BACKGROUNDS if b != colour])
+        single.append(toy.caption(toy.Scene([toy.Obj(shape, colour, "medium")], background), background=True))
+        (s1, s2), (c1, c2) = rng.choice(toy.SHAPES, 2, replace=False), rng.choice(list(toy.COLOURS), 2, replace=False)
+        pair = toy.Scene([toy.Obj(s1, c1, "medium", "left"), toy.Obj(s2, c2, "medium", "right")], None)
+        double.append(toy.caption(pair, position=rng.random() < 0.5))
+    return single, double
+
+
+@torch.no_grad()
+def evaluate(sd, per_prompt=8, n_prompts=24, steps=50, guidance=7.5, seed=0, log=print):
+    """Prompt adherence on single- and two-object prompts, and how often the held-out concepts appear
+    unasked (they must not: pretraining never showed them), all scored by toy.py's evaluator."""
+    from nanocustom.pipeline import generate
+    single, double = quality_prompts(seed, n_prompts)
+    scores = {}
+    for name, prompts in (("single-object adherence", single), ("two-object adherence", double)):
+        values = [toy.prompt_adherence(generate(sd, [p] * per_prompt, steps=steps, guidance=guidance, seed=i,
+                                                progress=False), p) for i, p in enumerate(prompts)]
+        scores[name] = float(np.mean(values))
+        log(f"{name}: {scores[name]:.3f} over {len(prompts)} prompts x {per_prompt} images")
+    for concept, spec in toy.CONCEPTS.items():
+        images = np.concatenate([generate(sd, [p] * per_prompt, steps=steps, guidance=guidance, seed=i,
+                                          progress=False)
+                                 for i, p in enumerate([f"a {spec.shape}", f"photo of a {spec.shape}"])])
+        scores[f"{concept} presence, base model"] = toy.concept_presence(images, concept)
+        log(f"{concept} presence in '{spec.shape}' samples: {scores[f'{concept} presence, base model']:.3f}")
+    return scores
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="pretrain the shapes model")
+    p.add_argument("--out", default=str(DEFAULT_CHECKPOINT))
+    p.add_argument("--vae-steps", type=int, default=500)
+    p.add_argument("--unet-steps", type=int, default=3000)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--samples", type=Path, default=None, help="write sample grids here while training")
+    p.add_argument("--evaluate", action="store_true", help="score the model at --out instead of training it")
+    args = p.parse_args(argv)
+    if args.evaluate:
+        from nanocustom.checkpoint import load
+        torch.set_num_threads(args.threads or torch.get_num_threads())
+        return evaluate(load(args.out), seed=args.seed)
+    pretrain(args.out, args.vae_steps, args.unet_steps, batch=args.batch, lr=args.lr, seed=args.seed,
+             threads=args.threads, samples=args.samples)
+
+
+if __name__ == "__main__":
+    main()
