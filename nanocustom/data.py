@@ -306,14 +306,16 @@ class Concept:
     class_word: str     # what the concept is: "square"
     reg: str | Path | np.ndarray | None = None  # regularisation images of the class: a folder (captions as
                                                  # above) or uint8 [N, H, W, 3], e.g. generate_regularization's
+    caption: str | None = None        # the prompt of an image without a caption (default: the template below)
+    class_caption: str | None = None  # the prompt of a regularisation image without a caption
 
     @property
-    def prompt(self):  # for an image without a caption; Custom Diffusion's template "photo of a {}"
-        return f"photo of a {self.token} {self.class_word}"
+    def prompt(self):  # Custom Diffusion's template "photo of a {}"
+        return self.caption or f"photo of a {self.token} {self.class_word}"
 
     @property
-    def class_prompt(self):  # for a regularisation image without a caption
-        return f"photo of {_article(self.class_word)} {self.class_word}"
+    def class_prompt(self):
+        return self.class_caption or f"photo of {_article(self.class_word)} {self.class_word}"
 
 
 def shipped_concept(name, reg=None):

@@ -20,7 +20,7 @@ def encode_prompts(sd, prompts):
 def images_to_latents(sd, images, generator=None):
     """Images in [-1, 1] [B, 3, H, W] -> scaled latents: a sample of the posterior times the latent scale."""
     mean, logvar = sd.vae.encode(images.to(sd.device, sd.dtype))
-    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    noise = torch.randn(mean.shape, generator=generator).to(mean)  # drawn on the CPU, as initial_noise
     return (mean + torch.exp(0.5 * logvar) * noise) * sd.latent_scale
 
 
