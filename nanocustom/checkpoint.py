@@ -176,10 +176,13 @@ def load(path_or_repo=None, device="cpu", dtype=torch.float32):
                               f"(e.g. {unexpected[0]}); is it an SD v1 checkpoint?")
     tokenizer = Tokenizer()
     tokenizer.add_tokens(info.get("added_tokens", []))
+    def config(cls, name):  # JSON turned the configs' tuples into lists
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in info[name].items()}) if name in info else None
+
     with torch.device("meta"):  # no random init: the weights come from the file
-        unet = UNet(UNetConfig(**info["unet"]) if "unet" in info else None)
-        vae = AutoencoderKL(VAEConfig(**info["vae"]) if "vae" in info else None)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**info["text_encoder"]) if "text_encoder" in info else None)
+        unet = UNet(config(UNetConfig, "unet"))
+        vae = AutoencoderKL(config(VAEConfig, "vae"))
+        text_encoder = CLIPTextModel(config(CLIPTextConfig, "text_encoder"))
     for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
         load_strict(module, parts[name], f"{path.name} ({name})")
         module.to(device=device, dtype=dtype).eval().requires_grad_(False)

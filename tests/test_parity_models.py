@@ -42,15 +42,6 @@ SMALL_VAE = VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=2)
 SMALL_CLIP = CLIPTextConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # the models are tiny: one thread is fastest, and far faster than two on a loaded machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def original_config(unet=None, vae=None):
     """The parts of v1-inference.yaml that diffusers' config builders read, filled from our config dataclasses."""
     unet, vae = unet or UNetConfig(), vae or VAEConfig()

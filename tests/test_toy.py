@@ -13,7 +13,6 @@ from nanocustom.toy import (BACKGROUNDS, CONCEPTS, CONCEPTS_DIR, COLOURS, HELDOU
                             heldout_accuracy, load_evaluator, parse_caption, prompt_adherence, random_scene, render,
                             render_concept, render_prompt, sample_batch)
 
-torch.set_num_threads(1)
 FLAGS = ("colour", "size", "position", "background", "photo")
 
 
