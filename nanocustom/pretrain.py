@@ -29,8 +29,9 @@ from nanocustom.diffusion import Diffusion
 from nanocustom.unet import UNetConfig
 from nanocustom.vae import VAEConfig
 
-# 64x64 images -> 8x8x4 latents, as SD v1 maps 512x512 to 64x64x4 (a factor of 8).
-VAE_CONFIG = VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1)
+# 64x64 images -> 8x8x4 latents, as SD v1 maps 512x512 to 64x64x4 (a factor of 8). 64 channels, not 32: the
+# GroupNorms have 32 groups, and with one channel per group they erase every flat colour (our whole world).
+VAE_CONFIG = VAEConfig(ch=64, ch_mult=(1, 1, 1, 1), num_res_blocks=1)
 UNET_CONFIG = UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(1, 2, 4),
                          num_heads=4, context_dim=64)
 TEXT_CONFIG = CLIPTextConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4)
@@ -117,7 +118,7 @@ def train_diffusion(sd, steps, batch, lr, seed, log, ema_decay=0.999, samples=No
     return sd
 
 
-def pretrain(out=DEFAULT_CHECKPOINT, vae_steps=500, unet_steps=3000, vae_batch=16, batch=32, vae_lr=1e-3,
+def pretrain(out=DEFAULT_CHECKPOINT, vae_steps=600, unet_steps=2000, vae_batch=8, batch=32, vae_lr=1e-3,
              lr=5e-4, seed=0, threads=None, samples=None):
     if threads:
         torch.set_num_threads(threads)
@@ -183,8 +184,8 @@ def evaluate(sd, per_prompt=8, n_prompts=24, steps=50, guidance=7.5, seed=0, log
 def main(argv=None):
     p = argparse.ArgumentParser(description="pretrain the shapes model")
     p.add_argument("--out", default=str(DEFAULT_CHECKPOINT))
-    p.add_argument("--vae-steps", type=int, default=500)
-    p.add_argument("--unet-steps", type=int, default=3000)
+    p.add_argument("--vae-steps", type=int, default=600)
+    p.add_argument("--unet-steps", type=int, default=2000)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)
