@@ -4,6 +4,7 @@ SD v1 conditions its UNet on the last hidden state of OpenAI's ViT-L/14 text tra
 final layer norm (Rombach et al. 2022, §3.3 and Appendix). Module names equal the checkpoint's keys
 under `cond_stage_model.transformer.text_model.`, so `load_state_dict` is the whole loader.
 """
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -112,5 +113,5 @@ class CLIPTextModel(nn.Module):
             new.weight[:old.num_embeddings] = old.weight
             new.weight[old.num_embeddings:] = old.weight.mean(0)
         self.embeddings.token_embedding = new
-        self.config.vocab_size = new.num_embeddings
+        self.config = dataclasses.replace(self.config, vocab_size=new.num_embeddings)  # configs may be shared
         return list(range(old.num_embeddings, new.num_embeddings))

@@ -48,7 +48,8 @@ class GroupNorm32(nn.GroupNorm):
         super().__init__(32, channels, eps=eps)
 
     def forward(self, x):
-        return super().forward(x.float()).type(x.dtype)
+        weight, bias = self.weight.float(), self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
 
 
 class ResBlock(nn.Module):
