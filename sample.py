@@ -7,6 +7,7 @@ Writes one PNG per sample and a grid PNG to --out.
 """
 import argparse
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -16,6 +17,7 @@ from PIL import Image
 
 from nanocustom.checkpoint import DEFAULT_CHECKPOINT, load
 from nanocustom.errors import NanocustomError
+from nanocustom.personalize import delta_method, load_delta
 from nanocustom.pipeline import generate, image_grid
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -37,6 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on the CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--delta", action="append", default=[], help="a delta from train.py (repeatable)")
+    p.add_argument("--force", action="store_true", help="apply deltas made for another base model")
     p.add_argument("--out", default="out", help="output directory (created if its parent exists)")
     return p.parse_args(argv)
 
@@ -54,6 +58,26 @@ def check_args(args):
         raise NanocustomError(f"--out {out}: {out.parent} is not an existing directory; create it or choose another")
     if not os.access(out if out.exists() else out.parent, os.W_OK):
         raise NanocustomError(f"--out {out} is not writable; choose a writable directory")
+
+
+def apply_deltas(sd, paths, force):
+    """Fold each delta into the weights, registering its modifier tokens."""
+    methods = [delta_method(path) for path in paths]
+    if methods.count("custom") > 1:
+        raise NanocustomError("several Custom Diffusion deltas each hold whole K/V weights; folding one after "
+                              "another keeps only the last: merge them first (nanocustom.merge)")
+    for path in paths:
+        load_delta(sd, path, force=force).fold()
+        print(f"applied {Path(path).name}")
+
+
+def check_tokens(sd, prompts):
+    """A prompt naming a modifier token that no loaded delta provides is a mistake, not a word to tokenize."""
+    known = sd.tokenizer.added_tokens
+    for token in {t for prompt in prompts for t in re.findall(r"<[^<>\s]+>", prompt.lower())}:
+        if token not in known:
+            raise NanocustomError(f"the prompt names {token}, which no loaded delta provides; known tokens: "
+                                  f"{', '.join(known) or 'none (pass --delta FILE)'}")
 
 
 def save_png(image, path):
@@ -75,6 +99,8 @@ def main(argv=None):
     if args.ckpt is None:
         print(f"using the shapes model ({DEFAULT_CHECKPOINT.name}); pass --ckpt for Stable Diffusion v1")
     sd = load(args.ckpt, device=args.device, dtype=dtype)
+    apply_deltas(sd, args.delta, args.force)
+    check_tokens(sd, [args.prompt, args.negative_prompt])
     images = generate(sd, [args.prompt] * args.n, negative_prompt=args.negative_prompt, steps=args.steps,
                       sampler=args.sampler, eta=args.eta, guidance=args.guidance, seed=args.seed,
                       height=args.height, width=args.width)

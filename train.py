@@ -1,0 +1,207 @@
+"""Teach the model a concept from a few images: Custom Diffusion, SVDiff or personalized residuals.
+
+    python train.py --method custom --concept nanocustom/assets/concepts/striped_square \\
+                    --prompt "photo of a <new1> square" --out out/striped_square.safetensors   # the shapes model
+    python train.py --method residual --ckpt weights/v1-5-pruned-emaonly.safetensors --device cuda \\
+                    --concept my_dog/ --prompt "photo of a <new1> dog" --out dog.safetensors
+
+Repeat --concept/--prompt for joint training, one modifier token per concept. The loss is DDPM's L_simple
+(Ho et al. 2020 Eq. 14) on the augmented target images, masked to the valid latent region (Kumari et al.,
+Training details), plus lambda times the same loss on regularisation images of the class (prior preservation,
+SVDiff Eq. 3). The delta is written atomically, checkpointed every --save-every steps (with `--resume` to go on),
+kept on Ctrl-C, and a non-finite loss stops training with the last good delta saved.
+"""
+import argparse
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from nanocustom.checkpoint import load
+from nanocustom.data import CUTMIX_PROB, Concept, ConceptBatches, generate_regularization
+from nanocustom.diffusion import Diffusion
+from nanocustom.errors import NanocustomError
+from nanocustom.personalize import attach, save_delta
+from nanocustom.pipeline import generate, image_grid, images_to_latents
+
+# Paper defaults: (learning rate, batch size, steps). Custom Diffusion: 1e-5 scaled by the batch size (§4); SVDiff:
+# App. A; personalized residuals: §4.1. On the shapes model, a CPU and 64x64 images, steps are fewer (see README).
+DEFAULTS = {"custom": (1e-5 * 8, 8, 250), "svdiff": (1e-3, 4, 500), "residual": (1e-3, 4, 150)}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--method", choices=list(DEFAULTS), required=True)
+    p.add_argument("--concept", action="append", required=True, help="a folder of the concept's images (repeatable)")
+    p.add_argument("--prompt", action="append", required=True, help='one per --concept: "photo of a <new1> square"')
+    p.add_argument("--class-prompt", action="append", default=None, help="one per --concept (default: the prompt "
+                                                                            "without its modifier token)")
+    p.add_argument("--reg-dir", action="append", default=None, help="one per --concept: real class images")
+    p.add_argument("--gen-reg", type=int, default=0, help="generate N class images per concept with the base model")
+    p.add_argument("--prior-weight", type=float, default=1.0, help="lambda of the prior-preservation loss")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--no-augment", action="store_true", help="no resize augmentation (allows cached latents)")
+    p.add_argument("--cutmix", action="store_true", help="SVDiff's Cut-Mix-Unmix when training several concepts")
+    p.add_argument("--train-attn2", action="store_true", help="Custom Diffusion: train all of attn2, not only K/V")
+    p.add_argument("--subset", default="all", help="SVDiff: the layer subset of Han et al. Table 1")
+    p.add_argument("--ckpt", default=None, help="base model (default: the shapes model)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="frozen weights' dtype (default: fp16 on CUDA)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (for --resume)")
+    p.add_argument("--resume", action="store_true", help="go on from the checkpoint beside --out")
+    p.add_argument("--out", required=True, help="the delta, FILE.safetensors")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    for flag, default in zip(("lr", "batch_size", "steps"), DEFAULTS[args.method]):
+        if getattr(args, flag) is None:
+            setattr(args, flag, default)
+    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--lr", args.lr)):
+        if value <= 0:
+            raise NanocustomError(f"{flag} {value} is out of range; use a positive value")
+    if args.prior_weight < 0 or args.gen_reg < 0:
+        raise NanocustomError("--prior-weight and --gen-reg must be 0 or more")
+    if len(args.prompt) != len(args.concept):
+        raise NanocustomError(f"{len(args.concept)} --concept but {len(args.prompt)} --prompt; give one prompt per concept")
+    for flag in ("class_prompt", "reg_dir"):
+        given = getattr(args, flag)
+        if given is not None and len(given) != len(args.concept):
+            raise NanocustomError(f"give one --{flag.replace('_', '-')} per --concept ({len(args.concept)})")
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise NanocustomError(f"--out {out} must end in .safetensors")
+    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
+        raise NanocustomError(f"--out {out}: {out.parent} is not a writable directory; create it or choose another")
+
+
+def concepts_from(args):
+    """One Concept per --concept/--prompt: the modifier token and class word read off the prompt."""
+    concepts = []
+    for i, (folder, prompt) in enumerate(zip(args.concept, args.prompt)):
+        m = re.search(r"(<[^<>\s]+>)\s+(\w+)", prompt)
+        if not m:
+            raise NanocustomError(f"--prompt {prompt!r} names no modifier token before a class word; "
+                                  f"write e.g. 'photo of a <new{i + 1}> dog'")
+        token, class_word = m.groups()
+        class_prompt = args.class_prompt[i] if args.class_prompt else " ".join(prompt.replace(token, "").split())
+        reg = args.reg_dir[i] if args.reg_dir else None
+        concepts.append(Concept(folder, token, class_word, reg, caption=prompt, class_caption=class_prompt))
+    return concepts
+
+
+def masked_loss(eps, noise, masks, is_reg, prior_weight):
+    """Per-sample MSE over the valid latent region; targets' mean + lambda * regularisation samples' mean."""
+    masks = masks.to(eps.dtype).expand_as(eps)
+    per_sample = ((eps.float() - noise.float()) ** 2 * masks).sum((1, 2, 3)) / masks.sum((1, 2, 3)).clamp(min=1)
+    loss = per_sample[~is_reg].mean()
+    if is_reg.any():
+        loss = loss + prior_weight * per_sample[is_reg].mean()
+    return loss
+
+
+def save_resume_state(path, delta, opt, step, generator):
+    """The delta, optimizer and RNG state, written atomically, for --resume."""
+    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save({"delta": delta.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                    "generator": generator.get_state()}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_args(args)
+    torch.manual_seed(args.seed)  # the deltas' random initialisation
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if args.device.startswith("cuda") else torch.float32)
+    if args.ckpt is None:
+        print("training on the shapes model; pass --ckpt for Stable Diffusion v1")
+    sd = load(args.ckpt, device=args.device, dtype=dtype)
+    concepts = concepts_from(args)
+    if args.gen_reg:
+        for i, c in enumerate(concepts):
+            c.reg = generate_regularization(sd, c.class_prompt, args.gen_reg, seed=args.seed + 1000 * i)
+    batches = ConceptBatches(concepts, sd.resolution, sd.vae.downsampling_factor, aug=not args.no_augment,
+                             cutmix_prob=CUTMIX_PROB if args.cutmix else 0.0)
+    options = {"custom": {"train": "attn2" if args.train_attn2 else "kv"}, "svdiff": {"subset": args.subset},
+               "residual": {}}[args.method]
+    delta = attach(sd, args.method, tokens=[c.token for c in concepts], **options)
+    trainable = delta.trainable(args.lr)
+    for p in (p for group in trainable for p in group["params"]):
+        p.data = p.data.float()  # trained tensors stay fp32 when the frozen weights are half; autocast casts them
+    opt = torch.optim.AdamW(trainable, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(args.seed)
+    out, resume_path = Path(args.out), Path(args.out).with_suffix(".resume.pt")
+    start = 0
+    if args.resume:
+        if not resume_path.is_file():
+            raise NanocustomError(f"--resume: no checkpoint {resume_path}; train without --resume first")
+        state = torch.load(resume_path, weights_only=True)
+        delta.load_state_dict(state["delta"])
+        opt.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        start = state["step"]
+        print(f"resuming at step {start}")
+
+    metadata = {"training": {k: v for k, v in vars(args).items() if k != "resume"}}
+    diffusion, last_good = Diffusion(), delta.state_dict()
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps)
+    try:
+        for step in bar:
+            batch = batches.next_batch(args.batch_size, generator)
+            with torch.no_grad():
+                x0 = images_to_latents(sd, batch["images"], generator=generator)
+            noise = torch.randn(x0.shape, generator=generator).to(x0)
+            t = torch.randint(0, diffusion.T, (x0.shape[0],), generator=generator).to(sd.device)
+            ids = sd.tokenizer.encode(batch["prompts"]).to(sd.device)
+            with torch.autocast(sd.device.type, dtype=dtype, enabled=dtype != torch.float32):
+                eps = sd.unet(diffusion.add_noise(x0, noise, t), t, sd.text_encoder(ids))
+            loss = masked_loss(eps, noise, batch["masks"].to(sd.device), batch["is_reg"].to(sd.device),
+                               args.prior_weight)
+            if not torch.isfinite(loss):
+                delta.load_state_dict(last_good)
+                save_delta(delta, out, metadata)
+                raise NanocustomError(f"the loss became {loss.item()} at step {step}; kept the last good delta in "
+                                      f"{out}; lower --lr (now {args.lr:g})")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            last_good = delta.state_dict()
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+                save_resume_state(resume_path, delta, opt, step + 1, generator)
+                save_delta(delta, out, metadata)
+    except KeyboardInterrupt:
+        delta.load_state_dict(last_good)
+        save_delta(delta, out, metadata)
+        print(f"\ninterrupted: saved the last good delta to {out}", file=sys.stderr)
+        sys.exit(130)
+    save_delta(delta, out, metadata)
+    resume_path.unlink(missing_ok=True)
+    print(f"wrote {out}")
+
+    from PIL import Image  # a grid of the concept, to look at
+    prompts = [c.prompt for c in concepts for _ in range(4)]
+    Image.fromarray(image_grid(generate(sd, prompts, seed=args.seed, progress=False), columns=4)).save(
+        out.with_suffix(".png"))
+    print(f"wrote {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except NanocustomError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
