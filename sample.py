@@ -12,9 +12,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
+from nanocustom.attention import AttentionMaps, heatmap_strip
 from nanocustom.checkpoint import DEFAULT_CHECKPOINT, load
 from nanocustom.errors import NanocustomError
 from nanocustom.personalize import delta_method, load_delta
@@ -41,6 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--delta", action="append", default=[], help="a delta from train.py (repeatable)")
     p.add_argument("--force", action="store_true", help="apply deltas made for another base model")
+    p.add_argument("--lag", action="store_true", help="LAG sampling (Ham et al. §3.3): the residual delta only "
+                                                      "where the concept's tokens attend")
+    p.add_argument("--attn-maps", action="store_true", help="also save per-token cross-attention heatmaps")
     p.add_argument("--out", default="out", help="output directory (created if its parent exists)")
     return p.parse_args(argv)
 
@@ -60,14 +65,19 @@ def check_args(args):
         raise NanocustomError(f"--out {out} is not writable; choose a writable directory")
 
 
-def apply_deltas(sd, paths, force):
-    """Fold each delta into the weights, registering its modifier tokens."""
+def apply_deltas(sd, paths, force, keep_residual=False):
+    """Fold each delta into the weights, registering its modifier tokens; for LAG, keep the residual unfolded."""
     methods = [delta_method(path) for path in paths]
     if methods.count("custom") > 1:
         raise NanocustomError("several Custom Diffusion deltas each hold whole K/V weights; folding one after "
                               "another keeps only the last: merge them first (nanocustom.merge)")
+    if keep_residual and methods != ["residual"]:
+        raise NanocustomError(f"--lag needs exactly one personalized-residuals delta (--delta), got {methods or 'none'}: "
+                              "LAG blends base and personalised proj_out features, which only residuals keep apart")
     for path in paths:
-        load_delta(sd, path, force=force).fold()
+        delta = load_delta(sd, path, force=force)
+        if not keep_residual:
+            delta.fold()
         print(f"applied {Path(path).name}")
 
 
@@ -99,15 +109,20 @@ def main(argv=None):
     if args.ckpt is None:
         print(f"using the shapes model ({DEFAULT_CHECKPOINT.name}); pass --ckpt for Stable Diffusion v1")
     sd = load(args.ckpt, device=args.device, dtype=dtype)
-    apply_deltas(sd, args.delta, args.force)
+    apply_deltas(sd, args.delta, args.force, keep_residual=args.lag)
     check_tokens(sd, [args.prompt, args.negative_prompt])
+    height, width = args.height or sd.resolution, args.width or sd.resolution
+    f = sd.vae.downsampling_factor
+    maps = AttentionMaps(args.n, (height // f, width // f)) if args.attn_maps else None
     images = generate(sd, [args.prompt] * args.n, negative_prompt=args.negative_prompt, steps=args.steps,
                       sampler=args.sampler, eta=args.eta, guidance=args.guidance, seed=args.seed,
-                      height=args.height, width=args.width)
+                      height=height, width=width, lag=args.lag, attention_maps=maps)
     out = Path(args.out)
     out.mkdir(exist_ok=True)
     for i, image in enumerate(images):
         save_png(image, out / f"{i:03d}.png")
+        if maps is not None:
+            save_png(np.asarray(heatmap_strip(maps.maps[i], sd.tokenizer, args.prompt, image)), out / f"{i:03d}-attn.png")
     save_png(image_grid(images), out / "grid.png")
     print(f"wrote {len(images)} images and grid.png to {out}/")
 

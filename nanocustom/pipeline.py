@@ -3,9 +3,12 @@
 Classifier-free guidance (Ho & Salimans 2022): eps = eps(x, "") + w * (eps(x, prompt) - eps(x, "")), with the
 empty prompt replaced by a negative prompt when one is given. The latent scale is applied here and only here.
 """
+from contextlib import nullcontext
+
 import numpy as np
 import torch
 
+from nanocustom.attention import LAG, observing
 from nanocustom.diffusion import Diffusion, guided, sample
 from nanocustom.errors import NanocustomError
 
@@ -52,8 +55,9 @@ def check_size(sd, height, width):
 
 @torch.no_grad()
 def generate(sd, prompts, negative_prompt="", steps=50, sampler="ddim", eta=0.0, guidance=7.5, seed=0,
-             height=None, width=None, latents=None, progress=True, callback=None):
-    """prompts (one per image) -> uint8 images [B, H, W, 3]. Pass `latents` to start from given noise."""
+             height=None, width=None, latents=None, progress=True, callback=None, lag=False, attention_maps=None):
+    """prompts (one per image) -> uint8 images [B, H, W, 3]. Pass `latents` to start from given noise; `lag`
+    (True or an attention.LAG) for LAG sampling; `attention_maps` (an attention.AttentionMaps) to record them."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     height, width = height or sd.resolution, width or sd.resolution
     check_size(sd, height, width)
@@ -71,8 +75,16 @@ def generate(sd, prompts, negative_prompt="", steps=50, sampler="ddim", eta=0.0,
         eps_uncond, eps_cond = sd.unet(torch.cat([x, x]), torch.cat([t, t]), context).chunk(2)
         return guided(eps_cond, eps_uncond, guidance)
 
-    x0 = sample(model_fn, latents, steps=steps, sampler=sampler, eta=eta, generator=generator,
-                prediction_type=sd.prediction_type, diffusion=Diffusion(), progress=progress, callback=callback)
+    observers, lag_applied = [], nullcontext()
+    if attention_maps is not None:  # attention.AttentionMaps(len(prompts), latents.shape[-2:])
+        observers.append(attention_maps)
+    if lag:  # Ham et al. §3.3: the residuals only where the concept's tokens attend
+        lag = lag if isinstance(lag, LAG) else LAG(sd, prompts)
+        observers.append(lag.observe)
+        lag_applied = lag.applied(latents.shape[-1] / latents.shape[-2], use_guidance)
+    with observing(sd.unet, *observers), lag_applied:
+        x0 = sample(model_fn, latents, steps=steps, sampler=sampler, eta=eta, generator=generator,
+                    prediction_type=sd.prediction_type, diffusion=Diffusion(), progress=progress, callback=callback)
     return to_uint8(latents_to_images(sd, x0))
 
 

@@ -78,6 +78,7 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim or query_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim or query_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
+        self.observer = None  # observer(self, probs [B, h, T, T_context]): attention maps and LAG (attention.py)
 
     def forward(self, x, context=None):
         context = x if context is None else context
@@ -85,6 +86,8 @@ class CrossAttention(nn.Module):
         B, h = x.shape[0], self.heads
         q, k, v = (t.view(B, -1, h, t.shape[-1] // h).transpose(1, 2) for t in (q, k, v))  # (B, h, T, hs)
         y = F.scaled_dot_product_attention(q, k, v)
+        if self.observer is not None:  # SDPA never forms the probabilities; only an observer pays for them
+            self.observer(self, (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).float().softmax(-1))
         return self.to_out(y.transpose(1, 2).reshape(B, -1, q.shape[-1] * h))
 
 
