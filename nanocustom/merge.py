@@ -26,6 +26,7 @@ Where Eq. 5's assumptions fail, each fallback warns and returns finite weights:
     least-squares fit; the warning gives the residual.
 """
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -226,3 +227,75 @@ def delta_storage(W0, US, Vt):
         "low_rank_bytes": US.numel() * US.element_size() + Vt.numel() * Vt.element_size(),
         "ratio": full_params / low_params if low_params else float("inf"),
     }
+
+
+# ----------------------------------------------------------------------------- merging Custom Diffusion deltas
+
+REG_CAPTIONS = Path(__file__).parent / "assets" / "reg_captions.txt"  # our stand-in for the paper's LAION captions
+
+
+def target_prompts(token, class_word):
+    """The captions whose features a concept's merged K/V must map as its own fine-tuned K/V did (the authors'
+    composenW.py: the bare "<new1> dog" and the training template "photo of a <new1> dog")."""
+    return [f"{token} {class_word}", f"photo of a {token} {class_word}"]
+
+
+@torch.no_grad()
+def token_features(sd, prompts):
+    """The text features c the K/V projections read: for each prompt, its tokens after the start token up to and
+    including the first EOS (no padding), as in composenW.py -> [tokens, dim] in float64."""
+    ids = sd.tokenizer.encode(prompts).to(sd.device)
+    features = sd.text_encoder(ids).double().cpu()
+    rows = [features[i, 1:ids[i].tolist().index(sd.tokenizer.eos_id) + 1] for i in range(len(prompts))]
+    return torch.cat(rows)
+
+
+def merge_custom_deltas(sd, deltas, class_words, reg_captions=None, log=print):
+    """N Custom Diffusion deltas (state dicts + metadata, as load_file / read_delta_metadata give them) -> one
+    delta's tensors and tokens: every K/V matrix solved by Eq. 5, all modifier tokens kept. sd is the base model,
+    without any delta attached. Prints the mean relative residual on the targets and on the regularization
+    captions."""
+    from nanocustom.personalize import attach
+    tensors, infos = zip(*deltas)
+    tokens = [t for info in infos for t in info["tokens"]]
+    if len(set(tokens)) != len(tokens):
+        raise NanocustomError(f"the deltas claim the same modifier token twice ({tokens}); train each concept "
+                              "with its own token, e.g. <new1> and <new2>")
+    delta = attach(sd, "custom", tokens=tokens)  # the base K/V plus every concept's token rows
+    with torch.no_grad():
+        delta.embedding.rows.copy_(torch.cat([t["modifier_tokens"] for t in tensors]))
+    C_by_concept = [token_features(sd, target_prompts(info["tokens"][0], word)) for info, word in zip(infos, class_words)]
+    C = torch.cat(C_by_concept)
+    C_reg = token_features(sd, reg_captions or REG_CAPTIONS.read_text().splitlines())
+    with warnings.catch_warnings():  # "photo of a" opens every concept's prompt: the same rows (causal attention)
+        warnings.filterwarnings("ignore", message="inconsistent constraints: repeated rows")  # with each concept's
+        solver = MergeSolver(C, gram=RegularizerGram(C_reg))  # targets; they fit the mean, as expected here
+    merged, target_res, reg_res = {}, [], []
+    for key, W0 in delta.originals_by_key().items():
+        W0 = W0.double().cpu()
+        V = torch.cat([t[key].double().cpu() @ Ci.T for t, Ci in zip(tensors, C_by_concept)], dim=1)  # V = [W_n c^T]
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="inconsistent constraints: repeated rows")
+            W = solver.solve(W0, V)
+        merged[key] = W.float()
+        target_res.append(((W @ C.T - V).norm() / V.norm()).item())
+        reg_res.append(((W - W0) @ C_reg.T).norm().item() / (W0 @ C_reg.T).norm().item())
+    log(f"merged {len(deltas)} concepts into {len(merged)} K/V matrices: mean relative residual "
+        f"{sum(target_res) / len(target_res):.2e} on the targets, {sum(reg_res) / len(reg_res):.2e} on "
+        f"{len(reg_captions or REG_CAPTIONS.read_text().splitlines())} regularization captions")
+    delta.load_state_dict({**merged, "modifier_tokens": delta.embedding.rows.detach()})
+    return delta
+
+
+def add_custom_deltas(sd, deltas):
+    """The baseline Kumari et al. compare against: W = W0 + sum_n (W_n - W0), every token kept."""
+    from nanocustom.personalize import attach
+    tensors, infos = zip(*deltas)
+    tokens = [t for info in infos for t in info["tokens"]]
+    if len(set(tokens)) != len(tokens):
+        raise NanocustomError(f"the deltas claim the same modifier token twice ({tokens}); train each concept "
+                              "with its own token, e.g. <new1> and <new2>")
+    delta = attach(sd, "custom", tokens=tokens)
+    added = {key: W0 + sum(t[key].to(W0) - W0 for t in tensors) for key, W0 in delta.originals_by_key().items()}
+    delta.load_state_dict({**added, "modifier_tokens": torch.cat([t["modifier_tokens"] for t in tensors])})
+    return delta

@@ -261,6 +261,10 @@ class CustomDiffusion(Delta):
     def _groups(self):
         return [("cross_attention", [p for linear in self.layers.values() for p in linear.parameters()], self.lr)]
 
+    def originals_by_key(self):
+        """The base weights W0, keyed as in state_dict(): what the merge (merge.py) starts from."""
+        return {f"{key}.{pname}": p.detach() for key, params in self.originals.items() for pname, p in params.items()}
+
     def _state_dict(self):
         return {f"{key}.{pname}": p for key, linear in self.layers.items() for pname, p in linear.named_parameters()}
 

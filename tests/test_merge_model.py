@@ -1,0 +1,85 @@
+"""Merging whole Custom Diffusion deltas (Kumari et al. §3.2): each concept's target captions keep their own
+fine-tuned keys and values, the regularization captions keep the base model's, and every token survives."""
+import pytest
+import torch
+
+from nanocustom.checkpoint import new_model
+from nanocustom.clip import CLIPTextConfig
+from nanocustom.errors import NanocustomError
+from nanocustom.merge import REG_CAPTIONS, add_custom_deltas, merge_custom_deltas, target_prompts, token_features
+from nanocustom.personalize import attach
+from nanocustom.unet import UNetConfig
+from nanocustom.vae import VAEConfig
+
+REG = REG_CAPTIONS.read_text().splitlines()[:200]
+
+
+def tiny():
+    torch.manual_seed(0)
+    sd = new_model(UNetConfig(model_channels=64, channel_mult=(1,), attention_resolutions=(1,), num_heads=2,
+                                num_res_blocks=1, context_dim=64),
+                     VAEConfig(ch=64, ch_mult=(1, 1), num_res_blocks=1),
+                     CLIPTextConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+                     resolution=16)
+    with torch.no_grad():  # a trained text encoder's final norm has a bias: its features span all dim directions
+        sd.text_encoder.final_layer_norm.bias.normal_(std=0.5)
+    return sd
+
+
+def fine_tuned(sd, token, seed):
+    """A Custom Diffusion delta whose K/V and token row moved away from the base, as training would."""
+    delta = attach(sd, "custom", tokens=[token], init_from=[42170 + seed])
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in (p for group in delta.trainable() for p in group["params"]):
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    tensors, info = delta.state_dict(), delta.metadata()
+    delta.detach()
+    return tensors, info
+
+
+def test_reg_captions_are_about_a_thousand_distinct_lines():
+    captions = REG_CAPTIONS.read_text().splitlines()
+    assert len(set(captions)) == len(captions) >= 1000
+
+
+def test_merged_kv_reproduce_each_concepts_targets_and_keep_the_base_elsewhere():
+    sd = tiny()
+    deltas = [fine_tuned(sd, "<new1>", 1), fine_tuned(sd, "<new2>", 2)]
+    merged = merge_custom_deltas(sd, deltas, ["square", "circle"], reg_captions=REG, log=lambda _: None)
+    assert sd.tokenizer.added_tokens == ["<new1>", "<new2>"]
+    W0 = merged.originals_by_key()
+    W = merged.state_dict()
+    for (tensors, _), token, word in zip(deltas, ["<new1>", "<new2>"], ["square", "circle"]):
+        # "<new1> square" and, of "photo of a <new1> square", the rows from the token on: the "photo of a" rows
+        # are the same for every concept (causal attention) and can only fit the concepts' mean
+        c = token_features(sd, [f"{token} {word}", f"photo of a {token} {word}"]).float()[[0, 1, 2, 6, 7, 8]]
+        for key in W0:
+            target = tensors[key] @ c.T
+            assert ((W[key] @ c.T - target).norm() / target.norm()) < 1e-4  # Eq. 4's constraint W C^T = V
+    # Eq. 4's objective, against another weight that meets the same constraints: the least-norm change of W0
+    C = token_features(sd, [p for t, w in (("<new1>", "square"), ("<new2>", "circle")) for p in target_prompts(t, w)])
+    C_reg = token_features(sd, REG)
+    for key in W0:
+        V = torch.cat([t[key].double() @ token_features(sd, target_prompts(tok, w)).T
+                       for (t, _), tok, w in zip(deltas, ["<new1>", "<new2>"], ["square", "circle"])], dim=1)
+        least_norm = W0[key].double() + (V - W0[key].double() @ C.T) @ torch.linalg.pinv(C @ C.T) @ C
+        merged_change = ((W[key].double() - W0[key].double()) @ C_reg.T).norm()
+        assert merged_change < ((least_norm - W0[key].double()) @ C_reg.T).norm()
+
+
+def test_adding_deltas_is_the_plain_sum_of_weight_changes():
+    sd = tiny()
+    deltas = [fine_tuned(sd, "<new1>", 1), fine_tuned(sd, "<new2>", 2)]
+    added = add_custom_deltas(sd, deltas)
+    W0, W = added.originals_by_key(), added.state_dict()
+    for key in W0:
+        torch.testing.assert_close(W[key], deltas[0][0][key] + deltas[1][0][key] - W0[key])
+    assert torch.equal(W["modifier_tokens"], torch.cat([d[0]["modifier_tokens"] for d in deltas]))
+
+
+def test_merge_refuses_two_deltas_claiming_one_token():
+    sd = tiny()
+    deltas = [fine_tuned(sd, "<new1>", 1), fine_tuned(sd, "<new1>", 2)]
+    with pytest.raises(NanocustomError, match="same modifier token twice"):
+        merge_custom_deltas(sd, deltas, ["square", "circle"], reg_captions=REG)
