@@ -19,7 +19,8 @@ from PIL import Image
 from nanocustom.attention import AttentionMaps, heatmap_strip
 from nanocustom.checkpoint import DEFAULT_CHECKPOINT, load
 from nanocustom.errors import NanocustomError
-from nanocustom.personalize import delta_method, load_delta
+from nanocustom.merge import combine
+from nanocustom.personalize import load_delta, save_delta
 from nanocustom.pipeline import generate, image_grid
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -42,6 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on the CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--delta", action="append", default=[], help="a delta from train.py (repeatable)")
+    p.add_argument("--merge", choices=["lagrangian", "add"], default="lagrangian",
+                   help="how several Custom Diffusion deltas combine (Kumari et al. Eq. 5, or plain addition)")
+    p.add_argument("--save-delta", default=None, help="also write the combined delta to this .safetensors file")
     p.add_argument("--force", action="store_true", help="apply deltas made for another base model")
     p.add_argument("--lag", action="store_true", help="LAG sampling (Ham et al. §3.3): the residual delta only "
                                                       "where the concept's tokens attend")
@@ -65,20 +69,24 @@ def check_args(args):
         raise NanocustomError(f"--out {out} is not writable; choose a writable directory")
 
 
-def apply_deltas(sd, paths, force, keep_residual=False):
-    """Fold each delta into the weights, registering its modifier tokens; for LAG, keep the residual unfolded."""
-    methods = [delta_method(path) for path in paths]
-    if methods.count("custom") > 1:
-        raise NanocustomError("several Custom Diffusion deltas each hold whole K/V weights; folding one after "
-                              "another keeps only the last: merge them first (nanocustom.merge)")
-    if keep_residual and methods != ["residual"]:
-        raise NanocustomError(f"--lag needs exactly one personalized-residuals delta (--delta), got {methods or 'none'}: "
-                              "LAG blends base and personalised proj_out features, which only residuals keep apart")
-    for path in paths:
-        delta = load_delta(sd, path, force=force)
-        if not keep_residual:
-            delta.fold()
-        print(f"applied {Path(path).name}")
+def apply_deltas(sd, paths, force, how="lagrangian", save_to=None, keep_unfolded=False):
+    """Load the deltas (several: combined into one, nanocustom.merge.combine), optionally save the result, and fold
+    it into the weights; LAG keeps a residual delta unfolded."""
+    if not paths:
+        if keep_unfolded:
+            raise NanocustomError("--lag needs a personalized-residuals delta: pass --delta FILE")
+        return
+    delta = combine(sd, paths, how, force=force) if len(paths) > 1 else load_delta(sd, paths[0], force=force)
+    combined = f" ({how} merge)" if len(paths) > 1 and delta.method == "custom" else ""
+    print(f"applied {', '.join(Path(p).name for p in paths)}{combined}")
+    if save_to:
+        save_delta(delta, save_to)
+        print(f"wrote the combined delta to {save_to}")
+    if keep_unfolded and delta.method != "residual":
+        raise NanocustomError(f"--lag needs a personalized-residuals delta, got {delta.method}: LAG blends the base "
+                              "and personalised proj_out features, which only residuals keep apart")
+    if not keep_unfolded:
+        delta.fold()
 
 
 def check_tokens(sd, prompts):
@@ -109,7 +117,7 @@ def main(argv=None):
     if args.ckpt is None:
         print(f"using the shapes model ({DEFAULT_CHECKPOINT.name}); pass --ckpt for Stable Diffusion v1")
     sd = load(args.ckpt, device=args.device, dtype=dtype)
-    apply_deltas(sd, args.delta, args.force, keep_residual=args.lag)
+    apply_deltas(sd, args.delta, args.force, args.merge, args.save_delta, keep_unfolded=args.lag)
     check_tokens(sd, [args.prompt, args.negative_prompt])
     height, width = args.height or sd.resolution, args.width or sd.resolution
     f = sd.vae.downsampling_factor

@@ -299,3 +299,66 @@ def add_custom_deltas(sd, deltas):
     added = {key: W0 + sum(t[key].to(W0) - W0 for t in tensors) for key, W0 in delta.originals_by_key().items()}
     delta.load_state_dict({**added, "modifier_tokens": torch.cat([t["modifier_tokens"] for t in tensors])})
     return delta
+
+
+# ----------------------------------------------------------------------------- combining saved deltas
+
+def class_word(info):
+    """The class word of a delta's concept, read off its training prompt: "photo of a <new1> dog" -> "dog"."""
+    import re
+    prompts = info.get("training", {}).get("prompt") or []
+    words = [m.group(1) for p in prompts for m in [re.search(r"<[^<>\s]+>\s+(\w+)", p)] if m]
+    if not words:
+        raise NanocustomError(f"the delta for {info.get('tokens')} records no training prompt to read its class word "
+                              "from; retrain it with train.py, or merge with how='add'")
+    return words[0]
+
+
+def combine(sd, paths, how="lagrangian", scales=None, force=False, reg_captions=None, log=print):
+    """Several saved deltas of one method -> one delta attached to sd, unfolded (fold() it to sample fast).
+
+    custom:   how="lagrangian" (Kumari et al. Eq. 5) or "add" (W0 + sum of the changes, the paper's baseline);
+    svdiff:   the spectral shifts add (Han et al. Eq. 4), times `scales` if given (Eq. 5, App. E.3);
+    residual: sum_k s_k A_k B_k, the residuals of the concepts together (Ham et al. §3.2).
+    The modifier tokens of every delta are kept, with their rows."""
+    from safetensors.torch import load_file
+
+    from nanocustom.personalize import attach, base_fingerprint, read_delta_metadata, residual_sum
+    infos = [read_delta_metadata(p) for p in paths]
+    methods = sorted({info["method"] for info in infos})
+    if len(methods) != 1:
+        raise NanocustomError(f"cannot combine deltas of different methods ({', '.join(methods)}); "
+                              "combine one method at a time")
+    this = base_fingerprint(sd)
+    for path, info in zip(paths, infos):
+        if info.get("base_fingerprint") != this and not force:
+            raise NanocustomError(f"{Path(path).name} was made for base model {info.get('base_fingerprint')}, not this "
+                                  f"one ({this}); load the base it was trained on, or pass force=True")
+    tensors = [load_file(str(p)) for p in paths]
+    method = methods[0]
+    if method == "custom":
+        if how not in ("lagrangian", "add"):
+            raise NanocustomError(f"how={how!r}: Custom Diffusion deltas merge by 'lagrangian' or 'add'")
+        deltas = list(zip(tensors, infos))
+        if how == "add":
+            return add_custom_deltas(sd, deltas)
+        return merge_custom_deltas(sd, deltas, [class_word(i) for i in infos], reg_captions, log)
+    tokens = [t for info in infos for t in info["tokens"]]
+    if len(set(tokens)) != len(tokens):
+        raise NanocustomError(f"the deltas claim the same modifier token twice ({tokens}); train each concept "
+                              "with its own token, e.g. <new1> and <new2>")
+    rows = [t.pop("modifier_tokens") for t in tensors if "modifier_tokens" in t]
+    if any(set(t) != set(tensors[0]) for t in tensors):
+        raise NanocustomError(f"the {method} deltas hold different tensors (another subset or options); combine "
+                              "deltas trained with the same settings")
+    scales = [1.0] * len(paths) if scales is None else list(scales)
+    if method == "svdiff":
+        combined = {k: sum(s * t[k] for s, t in zip(scales, tensors)) for k in tensors[0]}
+    else:
+        combined = residual_sum(tensors, scales)
+    options = {**infos[0].get("options", {}), "init_from": list(range(len(tokens)))}  # rows set below
+    delta = attach(sd, method, tokens=tokens, **{k: v for k, v in options.items() if k not in ("train_tokens",)})
+    if rows:
+        combined["modifier_tokens"] = torch.cat(rows)
+    delta.load_state_dict(combined)
+    return delta

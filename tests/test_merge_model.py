@@ -6,8 +6,9 @@ import torch
 from nanocustom.checkpoint import new_model
 from nanocustom.clip import CLIPTextConfig
 from nanocustom.errors import NanocustomError
-from nanocustom.merge import REG_CAPTIONS, add_custom_deltas, merge_custom_deltas, target_prompts, token_features
-from nanocustom.personalize import attach
+from nanocustom.merge import (REG_CAPTIONS, add_custom_deltas, combine, merge_custom_deltas, target_prompts,
+                              token_features)
+from nanocustom.personalize import attach, save_delta
 from nanocustom.unet import UNetConfig
 from nanocustom.vae import VAEConfig
 
@@ -83,3 +84,31 @@ def test_merge_refuses_two_deltas_claiming_one_token():
     deltas = [fine_tuned(sd, "<new1>", 1), fine_tuned(sd, "<new1>", 2)]
     with pytest.raises(NanocustomError, match="same modifier token twice"):
         merge_custom_deltas(sd, deltas, ["square", "circle"], reg_captions=REG)
+
+
+@pytest.mark.parametrize("method", ["residual", "svdiff"])
+def test_combined_residuals_and_spectral_shifts_sum_their_deltas(method, tmp_path, monkeypatch):
+    monkeypatch.setattr("nanocustom.personalize.SVD_CACHE", tmp_path)
+    sd = tiny()
+    paths, states = [], []
+    for i, token in enumerate(["<new1>", "<new2>"]):
+        delta = attach(sd, method, tokens=[token], init_from=[42170 + i])
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for p in (p for group in delta.trainable() for p in group["params"]):
+                p.add_(0.02 * torch.randn(p.shape, generator=g))
+        states.append(delta.state_dict())
+        paths.append(tmp_path / f"{i}.safetensors")
+        save_delta(delta, paths[-1])
+        delta.detach()
+    combined = combine(sd, paths, scales=[1.0, 0.5])
+    assert sd.tokenizer.added_tokens == ["<new1>", "<new2>"] and combined.method == method
+    state = combined.state_dict()
+    assert torch.equal(state["modifier_tokens"], torch.cat([s["modifier_tokens"] for s in states]))
+    for key in state:
+        if key.endswith(".A"):  # Ham et al.: Delta W = A B per layer; combined, sum_k s_k A_k B_k
+            B = key[:-2] + ".B"
+            expected = states[0][key] @ states[0][B] + 0.5 * states[1][key] @ states[1][B]
+            torch.testing.assert_close(state[key] @ state[B], expected)
+        elif key.endswith(".delta"):  # Han et al. Eq. 4 (and Eq. 5's weights): delta' = delta_1 + s delta_2
+            torch.testing.assert_close(state[key], states[0][key] + 0.5 * states[1][key])
