@@ -9,7 +9,6 @@ import argparse
 import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ import torch
 from PIL import Image
 
 from nanocustom.attention import AttentionMaps, heatmap_strip
-from nanocustom.checkpoint import DEFAULT_CHECKPOINT, load
+from nanocustom.checkpoint import DEFAULT_CHECKPOINT, atomic_write, load
 from nanocustom.errors import NanocustomError
 from nanocustom.merge import combine
 from nanocustom.personalize import load_delta, save_delta
@@ -99,15 +98,7 @@ def check_tokens(sd, prompts):
 
 
 def save_png(image, path):
-    """Write a PNG atomically: a temporary file in the same directory, then a rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
-    os.close(fd)
-    try:
-        Image.fromarray(image).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
 
 
 def main(argv=None):

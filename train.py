@@ -15,13 +15,12 @@ import argparse
 import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from nanocustom.checkpoint import load
+from nanocustom.checkpoint import atomic_write, load
 from nanocustom.data import CUTMIX_PROB, Concept, ConceptBatches, generate_regularization
 from nanocustom.diffusion import Diffusion
 from nanocustom.errors import NanocustomError
@@ -110,15 +109,8 @@ def masked_loss(eps, noise, masks, is_reg, prior_weight):
 
 def save_resume_state(path, delta, opt, step, generator):
     """The delta, optimizer and RNG state, written atomically, for --resume."""
-    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save({"delta": delta.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                    "generator": generator.get_state()}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    state = {"delta": delta.state_dict(), "optimizer": opt.state_dict(), "step": step, "generator": generator.get_state()}
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def main(argv=None):

@@ -201,8 +201,9 @@ def to_original_layout(sd):
             for key, value in module.state_dict().items()}
 
 
-def save_atomic(tensors, path, metadata=None):
-    """Write a safetensors file via a temporary file and a rename: a crash never leaves a partial file."""
+def atomic_write(path, write):
+    """write(tmp) to a temporary file beside path, then rename it onto path: a crash or Ctrl-C never leaves a
+    partial file under the real name."""
     path = Path(path)
     if not path.parent.is_dir():
         raise CheckpointError(f"cannot write {path}: directory {path.parent} does not exist; create it first")
@@ -212,11 +213,16 @@ def save_atomic(tensors, path, metadata=None):
         raise CheckpointError(f"cannot write to {path.parent} ({e.strerror}); choose a writable directory") from e
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_atomic(tensors, path, metadata=None):
+    """Write a safetensors file atomically."""
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def save(sd, path, dtype=None, **extra):

@@ -24,9 +24,7 @@ Files that are not readable images are skipped with a warning; dotfiles are igno
     batch = batches.next_batch(8, torch.Generator().manual_seed(0))   # images, masks, prompts, is_reg, ...
 """
 import math
-import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +33,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from nanocustom.checkpoint import atomic_write
 from nanocustom.errors import NanocustomError
 from nanocustom.pipeline import generate
 
@@ -232,18 +231,6 @@ def unmix_mask(batch, token, size):
 
 # ----------------------------------------------------------------------------- generated regularisation images
 
-def _write_atomic(path, write):
-    """write(tmp) then rename onto path: a crash never leaves a half-written file under the real name."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _saved(out_dir, i, class_prompt, size):
     """Image i of an earlier run for the same prompt, or None when it has to be (re)made."""
     png, txt = out_dir / f"{i:04d}.png", out_dir / f"{i:04d}.txt"
@@ -286,8 +273,8 @@ def generate_regularization(sd, class_prompt, n, seed=0, out_dir=None, steps=50,
                              progress=False)
             for i, image in zip(indices, saved):
                 if out is not None:
-                    _write_atomic(out / f"{i:04d}.png", lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
-                    _write_atomic(out / f"{i:04d}.txt", lambda tmp: Path(tmp).write_text(class_prompt + "\n"))
+                    atomic_write(out / f"{i:04d}.png", lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
+                    atomic_write(out / f"{i:04d}.txt", lambda tmp: Path(tmp).write_text(class_prompt + "\n"))
         images.extend(saved)
         log(f"regularisation images for {class_prompt!r}: {indices.stop}/{n}")
     return np.stack(images)

@@ -572,25 +572,6 @@ def save_delta(delta, path, extra_metadata=None):
 
 
 def read_delta_metadata(path):
-    """The metadata save_delta wrote, checking that path is such a file."""
-    path = Path(path)
-    if not path.is_file():
-        raise NanocustomError(f"delta not found: {path}; pass the .safetensors file save_delta wrote")
-    try:
-        with safe_open(str(path), "pt") as f:
-            info = json.loads((f.metadata() or {})["nanocustom"])
-        info["method"]
-    except Exception as e:
-        raise NanocustomError(f"{path.name} is not a nanocustom delta ({type(e).__name__}); "
-                              "pass a file save_delta wrote") from None
-    return info
-
-
-def delta_method(path):
-    return read_delta_metadata(path)["method"]
-
-
-def read_delta_metadata(path):
     """The metadata save_delta wrote: method, options, tokens, base_fingerprint, and any extra_metadata."""
     path = Path(path)
     if not path.is_file():

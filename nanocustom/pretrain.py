@@ -9,7 +9,7 @@ Two stages, as Latent Diffusion trains (Rombach et al. 2022, §3):
      scratch, since CLIP's weights are too big to ship.
 The latent scale is set, as SD's 0.18215 was, to make the latents about unit variance (§4.3.2).
 
-    python -m nanocustom.pretrain                       # writes weights/shapes.safetensors (about 80 min, 2 cores)
+    OMP_WAIT_POLICY=PASSIVE python -m nanocustom.pretrain --threads 2   # weights/shapes.safetensors, about 1 hour
     python -m nanocustom.pretrain --unet-steps 200 --out /tmp/quick.safetensors   # a quick look
     python -m nanocustom.pretrain --evaluate            # the quality figures of the README, by toy.py's evaluator
 """
@@ -118,7 +118,7 @@ def train_diffusion(sd, steps, batch, lr, seed, log, ema_decay=0.999, samples=No
     return sd
 
 
-def pretrain(out=DEFAULT_CHECKPOINT, vae_steps=600, unet_steps=2000, vae_batch=8, batch=32, vae_lr=1e-3,
+def pretrain(out=DEFAULT_CHECKPOINT, vae_steps=1400, unet_steps=1600, vae_batch=8, batch=32, vae_lr=1e-3,
              lr=5e-4, seed=0, threads=None, samples=None):
     if threads:
         torch.set_num_threads(threads)
@@ -184,8 +184,8 @@ def evaluate(sd, per_prompt=8, n_prompts=24, steps=50, guidance=7.5, seed=0, log
 def main(argv=None):
     p = argparse.ArgumentParser(description="pretrain the shapes model")
     p.add_argument("--out", default=str(DEFAULT_CHECKPOINT))
-    p.add_argument("--vae-steps", type=int, default=600)
-    p.add_argument("--unet-steps", type=int, default=2000)
+    p.add_argument("--vae-steps", type=int, default=1400)
+    p.add_argument("--unet-steps", type=int, default=1600)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)

@@ -7,7 +7,6 @@ here: `pipeline.py` applies it in one place.
 """
 from dataclasses import dataclass
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 

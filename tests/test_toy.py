@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from nanocustom.errors import NanocustomError
-from nanocustom.toy import (BACKGROUNDS, CONCEPTS, CONCEPTS_DIR, COLOURS, HELDOUT_SEED, Obj, Scene, background_preservation,
+from nanocustom.toy import (CONCEPTS, CONCEPTS_DIR, HELDOUT_SEED, Obj, Scene, background_preservation,
                             caption, complete_scene, concept_presence, concept_scene, export_concepts,
                             heldout_accuracy, load_evaluator, parse_caption, prompt_adherence, random_scene, render,
                             render_concept, render_prompt, sample_batch)

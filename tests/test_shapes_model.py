@@ -1,0 +1,46 @@
+"""The shipped shapes model: it loads through the same loader as SD v1, samples, and is sample.py's default."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from nanocustom.checkpoint import DEFAULT_CHECKPOINT, load
+from nanocustom.pipeline import generate
+from nanocustom.pretrain import TEXT_CONFIG, UNET_CONFIG, VAE_CONFIG
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    return load()
+
+
+def test_shipped_model_is_the_default_and_loads_with_its_configs(shapes):
+    assert shapes.name == DEFAULT_CHECKPOINT.name
+    assert (shapes.unet.config, shapes.vae.config, shapes.text_encoder.config) == (UNET_CONFIG, VAE_CONFIG, TEXT_CONFIG)
+    assert shapes.resolution == 64 and shapes.vae.downsampling_factor == 8
+
+
+def test_shipped_weights_stay_under_25_mb():
+    total = sum(p.stat().st_size for p in (REPO / "weights").glob("*.safetensors") if p.name.startswith("shapes"))
+    assert total <= 25 * 2**20
+
+
+def test_shapes_model_samples_distinct_images_for_distinct_prompts(shapes):
+    images = generate(shapes, ["a red circle on a blue background", "a yellow square on a black background"],
+                      steps=10, seed=0, progress=False)
+    assert images.shape == (2, 64, 64, 3) and images.dtype == np.uint8
+    assert np.abs(images[0].astype(int) - images[1].astype(int)).mean() > 10
+
+
+def test_sample_py_uses_the_shapes_model_by_default(tmp_path):
+    result = subprocess.run([sys.executable, "sample.py", "--prompt", "a green star", "--n", "2", "--steps", "5",
+                             "--out", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "shapes model" in result.stdout
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["000.png", "001.png", "grid.png"]
+    assert Image.open(tmp_path / "out" / "000.png").size == (64, 64)
