@@ -1,0 +1,248 @@
+"""Deltas in other tools' formats, checked against diffusers' own code: the CompVis <-> diffusers module names
+against convert_ldm_unet_checkpoint, Custom Diffusion files run through diffusers' CustomDiffusionAttnProcessor and
+its textual-inversion loader, the residual LoRA applied as diffusers configures it, and a folded checkpoint that
+loads back and converts with diffusers' single-file functions.
+
+peft is not installed here, so pipeline.load_lora_weights cannot run (diffusers requires the peft backend for it).
+The LoRA test goes through every diffusers step up to peft instead: lora_state_dict reads the file, the "unet."
+prefix is split off as load_lora_adapter does, get_peft_kwargs gives the rank and alpha of each module, and the
+update W + (alpha / r) lora_B @ lora_A, peft's for a Conv2d LoRA, is applied to diffusers' UNet by hand.
+"""
+import pytest
+import torch
+import transformers
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.loaders import TextualInversionLoaderMixin
+from diffusers.utils.peft_utils import get_peft_kwargs
+from safetensors.torch import load_file, save_file
+
+from helpers import write_clip_tokenizer_files
+from nanocustom.checkpoint import load, read_state_dict, to_original_layout
+from nanocustom.errors import NanocustomError
+from nanocustom.interop import (compvis_module_name, diffusers_module_name, export_diffusers_custom_diffusion,
+                                export_residual_lora, import_diffusers_custom_diffusion, read_tensors, save_folded)
+from nanocustom.personalize import attach, save_delta
+from nanocustom.unet import SpatialTransformer, UNet, UNetConfig
+from test_parity_models import UNET_PREFIX, convert_clip, convert_unet, hf_clip_config, rel_err
+from test_personalize import PROMPT, TINY, tiny_model
+
+torch.set_num_threads(1)
+TOL = 1e-4  # max |ours - ref| / max |ref|, float32
+
+
+def perturb_(delta, seed=1):
+    """A trained-looking delta: every trained tensor and the token rows moved off their start."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        params = [p for group in delta.trainable() for p in group["params"]]
+        if delta.embedding is not None and not delta.embedding.rows.requires_grad:
+            params.append(delta.embedding.rows)
+        for p in params:
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def _save(tensors, path):
+    save_file(tensors, path)
+    return path
+
+
+def inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, 4, 16, 16, generator=g), torch.tensor([10, 900]),
+            torch.randn(2, 77, TINY["unet"].context_dim, generator=g))
+
+
+def diffusers_unet(original_layout, unet_config=TINY["unet"]):
+    config, converted = convert_unet({k: v for k, v in original_layout.items() if k.startswith(UNET_PREFIX)},
+                                     unet_config)
+    ref = UNet2DConditionModel(**config).eval()
+    ref.load_state_dict(converted, strict=True)
+    return ref
+
+
+@torch.no_grad()
+def outputs(sd, ref, x, t, context):
+    return sd.unet(x, t, context), ref(x, t, encoder_hidden_states=context).sample
+
+
+@pytest.mark.parametrize("unet_config", [UNetConfig(), TINY["unet"]], ids=["sd_v1", "tiny"])
+def test_module_names_agree_with_diffusers_convert_ldm_unet_checkpoint(unet_config):
+    with torch.device("meta"):
+        unet = UNet(unet_config)
+    checkpoint = {UNET_PREFIX + k: v for k, v in unet.state_dict().items()}
+    _, converted = convert_unet(checkpoint, unet_config)
+    renamed = {id(v): k for k, v in converted.items()}  # the conversion renames: the tensors are the same objects
+    paths = [p for p, m in unet.named_modules() if isinstance(m, SpatialTransformer)]
+    assert len(paths) == (16 if unet_config == UNetConfig() else 7)  # tiny: 2 down, 1 mid, 4 up
+    checked = 0
+    for key, value in checkpoint.items():
+        key = key.removeprefix(UNET_PREFIX)
+        if any(key.startswith(p + ".") for p in paths):
+            module, pname = key.rsplit(".", 1)
+            name = diffusers_module_name(module, unet_config.num_res_blocks)
+            assert f"{name}.{pname}" == renamed[id(value)], key
+            assert compvis_module_name(name, unet_config.num_res_blocks) == module
+            checked += 1
+    assert checked > 0
+
+
+@pytest.mark.parametrize("train", ["kv", "attn2"])
+def test_custom_diffusion_export_runs_in_diffusers_processors_as_our_delta(tmp_path, train):
+    sd = tiny_model()
+    base = to_original_layout(sd)
+    delta = attach(sd, "custom", tokens=["<new1>"], train=train)
+    perturb_(delta)
+    weights, token_file = export_diffusers_custom_diffusion(delta, tmp_path)
+    assert weights.name == "pytorch_custom_diffusion_weights.safetensors" and token_file.name == "<new1>.safetensors"
+
+    ref = diffusers_unet(base)
+    x, t, context = inputs()
+    ours_base, ref_base = outputs(sd, ref, x, t, context)
+    # unet.load_attn_procs' own parsing of the file, then the processors set as it would set them. (In diffusers
+    # 0.42.1 load_attn_procs itself sets processors only when given _pipeline, and then wants an entry for every
+    # attention layer, which a .safetensors file cannot hold: save_attn_procs drops the {} of attn1's processors.)
+    # The attn1 layers keep their current processors.
+    processors = ref._process_custom_diffusion(load_file(weights))
+    assert len(processors) == 7 and all(name.endswith("attn2.processor") for name in processors)
+    assert all(p.train_q_out == (train == "attn2") for p in processors.values())
+    ref.set_attn_processor({**ref.attn_processors, **processors})
+
+    ours, expected = outputs(sd, ref, x, t, context)
+    assert rel_err(ours, ref_base) > 1e-2  # the delta changes the output
+    assert rel_err(ours, expected) < TOL
+    delta.fold()
+    assert rel_err(outputs(sd, ref, x, t, context)[0], expected) < TOL
+
+
+def test_custom_diffusion_token_file_loads_through_diffusers_textual_inversion(tmp_path):
+    sd = tiny_model()
+    text_encoder = transformers.CLIPTextModel(hf_clip_config(TINY["text_encoder"])).eval()
+    text_encoder.load_state_dict(convert_clip(to_original_layout(sd), text_encoder), strict=True)
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(write_clip_tokenizer_files(tmp_path), model_max_length=77)
+    delta = attach(sd, "custom", tokens=["<new1>", "<new2>"])
+    perturb_(delta)
+    files = export_diffusers_custom_diffusion(delta, tmp_path / "out")[1:]
+
+    class Pipeline(TextualInversionLoaderMixin):  # the two attributes load_textual_inversion reads of a pipeline
+        hf_device_map, components = None, {}
+
+    Pipeline().load_textual_inversion([str(f) for f in files], tokenizer=tokenizer, text_encoder=text_encoder)
+    prompts = [PROMPT, "<new2> and <new1> on a beach"]
+    ids = tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    assert torch.equal(ids, sd.tokenizer.encode(prompts))
+    with torch.no_grad():
+        assert rel_err(sd.text_encoder(ids), text_encoder(ids).last_hidden_state) < TOL
+
+
+@pytest.mark.parametrize("train", ["kv", "attn2"])
+def test_custom_diffusion_export_then_import_gives_the_same_tensors(tmp_path, train):
+    sd = tiny_model()
+    delta = attach(sd, "custom", tokens=["<new1>", "<new2>"], train=train)
+    perturb_(delta)
+    save_delta(delta, tmp_path / "delta.safetensors")
+    for source in (delta, tmp_path / "delta.safetensors"):  # a live delta or the file save_delta wrote
+        weights, *token_files = export_diffusers_custom_diffusion(source, tmp_path / "st", num_res_blocks=1)
+        imported = import_diffusers_custom_diffusion(tiny_model(), weights, token_files)
+        assert imported.tokens == ["<new1>", "<new2>"] and imported.options["train"] == train
+        expected, got = delta.state_dict(), imported.state_dict()
+        assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+    # .bin, as save_attn_procs(safe_serialization=False) writes it: with {} for the processors without weights
+    tensors = load_file(weights)
+    torch.save({**tensors, "down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor": {}}, tmp_path / "w.bin")
+    for i, f in enumerate(token_files):
+        torch.save(load_file(f), tmp_path / f"t{i}.bin")
+    imported = import_diffusers_custom_diffusion(tiny_model(), tmp_path / "w.bin",
+                                                 [tmp_path / "t0.bin", tmp_path / "t1.bin"])
+    got = imported.state_dict()
+    assert all(torch.equal(v, got[k]) for k, v in delta.state_dict().items())
+
+
+def test_custom_diffusion_import_refuses_other_files_and_leaves_the_model_free(tmp_path):
+    sd = tiny_model()
+    torch.save({"down_blocks.0.attentions.0.proj_out.lora_A.weight": torch.zeros(3, 64, 1, 1)}, tmp_path / "x.bin")
+    with pytest.raises(NanocustomError, match="not a Custom Diffusion processor weight"):
+        import_diffusers_custom_diffusion(sd, tmp_path / "x.bin")
+    delta = attach(sd, "custom")
+    weights = export_diffusers_custom_diffusion(delta, tmp_path)[0]
+    delta.detach()
+    partial = dict(list(load_file(weights).items())[1:])  # one weight missing
+    with pytest.raises(NanocustomError, match="missing"):
+        import_diffusers_custom_diffusion(sd, _save(partial, tmp_path / "partial.safetensors"))
+    assert sd.delta is None
+    with pytest.raises(NanocustomError, match="only a custom delta"):
+        export_diffusers_custom_diffusion(attach(sd, "residual"), tmp_path)
+
+
+def test_residual_lora_as_diffusers_configures_it_matches_our_residual_delta(tmp_path):
+    sd = tiny_model()
+    base = to_original_layout(sd)
+    delta = attach(sd, "residual", tokens=["<new1>"])
+    perturb_(delta)
+    lora_path, token_file = export_residual_lora(delta, tmp_path / "lora.safetensors")
+    assert token_file.name == "<new1>.safetensors"
+
+    state_dict, network_alphas = StableDiffusionPipeline.lora_state_dict(str(lora_path))
+    assert network_alphas is None and all(k.startswith("unet.") and "lora" in k for k in state_dict)
+    unet_lora = {k.removeprefix("unet."): v for k, v in state_dict.items()}  # load_lora_adapter(prefix="unet")
+    rank = {f"^{k}": v.shape[1] for k, v in unet_lora.items() if "lora_B" in k}  # as load_lora_adapter counts it
+    config = get_peft_kwargs(rank, network_alphas, unet_lora)
+    assert sorted(config["target_modules"]) == sorted(
+        diffusers_module_name(k.removeprefix("unet."), 1) for k in delta.layers)
+    ref = diffusers_unet(base)
+    with torch.no_grad():
+        for module in config["target_modules"]:
+            r = config["rank_pattern"].get(f"^{module}", config["r"])
+            alpha = config["alpha_pattern"].get(f"^{module}", config["lora_alpha"])
+            assert alpha == r  # scale 1: W' = W + A B, as in Ham et al.
+            down, up = unet_lora[f"{module}.lora_A.weight"], unet_lora[f"{module}.lora_B.weight"]
+            conv = ref.get_submodule(module)
+            assert isinstance(conv, torch.nn.Conv2d) and conv.kernel_size == (1, 1)
+            conv.weight += alpha / r * (up.flatten(1) @ down.flatten(1))[:, :, None, None]
+
+    x, t, context = inputs()
+    ours, expected = outputs(sd, ref, x, t, context)
+    assert rel_err(ours, outputs(sd, diffusers_unet(base), x, t, context)[1]) > 1e-2  # the delta changes the output
+    assert rel_err(ours, expected) < TOL
+    delta.fold()
+    assert rel_err(outputs(sd, ref, x, t, context)[0], expected) < TOL
+
+
+@pytest.mark.parametrize("method", ["custom", "svdiff", "residual"])
+def test_folded_checkpoint_loads_back_identically_and_converts_with_diffusers_single_file(tmp_path, method):
+    sd = tiny_model()
+    delta = attach(sd, method, tokens=["<new1>"])
+    perturb_(delta)
+    x, t, _ = inputs()
+    with torch.no_grad():
+        context = sd.text_encoder(sd.tokenizer.encode([PROMPT, "a dog"]))
+        unfolded = sd.unet(x, t, context)
+    save_folded(sd, tmp_path / "folded.safetensors")
+    assert sd.delta is None
+
+    loaded = load(tmp_path / "folded.safetensors")
+    assert loaded.tokenizer.added_tokens == ["<new1>"] and loaded.metadata["folded_delta"]["method"] == method
+    ids = loaded.tokenizer.encode([PROMPT, "a dog"])
+    assert torch.equal(ids, sd.tokenizer.encode([PROMPT, "a dog"]))
+    with torch.no_grad():
+        assert torch.equal(loaded.text_encoder(ids), sd.text_encoder(ids))
+        assert rel_err(loaded.text_encoder(ids), context) < 1e-6
+        got = loaded.unet(x, t, context)
+        assert torch.equal(got, sd.unet(x, t, context))
+    assert rel_err(got, unfolded) < 1e-5
+
+    state_dict, _ = read_state_dict(tmp_path / "folded.safetensors")
+    ref = diffusers_unet(state_dict)  # diffusers' single-file conversion, loaded strictly
+    with torch.no_grad():
+        assert rel_err(ref(x, t, encoder_hidden_states=context).sample, got) < TOL
+
+
+def test_save_folded_needs_an_attached_delta(tmp_path):
+    with pytest.raises(NanocustomError, match="no delta is attached"):
+        save_folded(tiny_model(), tmp_path / "x.safetensors")
+
+
+def test_read_tensors_reads_safetensors_saved_under_a_bin_name(tmp_path):
+    # train_custom_diffusion.py's save_new_embed writes safetensors into "<new1>.bin"
+    _save({"<new1>": torch.arange(4.0)}, tmp_path / "<new1>.bin")
+    assert torch.equal(read_tensors(tmp_path / "<new1>.bin")["<new1>"], torch.arange(4.0))
