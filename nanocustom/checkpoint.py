@@ -212,7 +212,10 @@ def atomic_write(path, write):
     except OSError as e:
         raise CheckpointError(f"cannot write to {path.parent} ({e.strerror}); choose a writable directory") from e
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; the result gets the usual permissions
         write(tmp)
         os.replace(tmp, path)
     except BaseException:
