@@ -22,6 +22,7 @@ from diffusers.loaders.single_file_utils import (
     create_vae_diffusers_config_from_ldm,
 )
 
+from helpers import randomize_
 from nanocustom.clip import CLIPTextConfig, CLIPTextModel
 from nanocustom.unet import UNet, UNetConfig
 from nanocustom.vae import AutoencoderKL, VAEConfig
@@ -55,23 +56,6 @@ def original_config(unet=None, vae=None):
                                "params": {"embed_dim": vae.embed_dim, "ddconfig": ddconfig}},
         "cond_stage_config": {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"},
     }}}
-
-
-def randomize_(model, seed=0):
-    """Every tensor random (zero-initialised layers would hide bugs): weights ~ N(0, 1/fan_in), norm scales near 1."""
-    g = torch.Generator().manual_seed(seed)
-    norms = {name for name, m in model.named_modules() if isinstance(m, (nn.GroupNorm, nn.LayerNorm))}
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            module, kind = name.rsplit(".", 1)
-            noise = torch.randn(p.shape, generator=g)
-            if module in norms and kind == "weight":
-                p.copy_(1 + 0.1 * noise)
-            elif p.ndim == 1:
-                p.copy_(0.1 * noise)
-            else:
-                p.copy_(noise * p[0].numel() ** -0.5)
-    return model.eval()
 
 
 def to_original(model, prefix):

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
+from helpers import randomize_
 from nanocustom.checkpoint import load, new_model, save
 from nanocustom.clip import CLIPTextConfig
 from nanocustom.errors import NanocustomError
@@ -27,22 +28,6 @@ TINY = dict(unet=UNetConfig(model_channels=64, channel_mult=(1, 2), num_res_bloc
                                         num_attention_heads=2))
 METHODS = ["custom", "svdiff", "residual"]
 PROMPT = "a photo of a <new1> dog"
-
-
-def randomize_(model, seed):
-    """Every tensor random (as in test_parity_models; zero-initialised layers would hide bugs)."""
-    g = torch.Generator().manual_seed(seed)
-    norms = {name for name, m in model.named_modules() if isinstance(m, (nn.GroupNorm, nn.LayerNorm))}
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            module, kind = name.rsplit(".", 1)
-            noise = torch.randn(p.shape, generator=g)
-            if module in norms and kind == "weight":
-                p.copy_(1 + 0.1 * noise)
-            elif p.ndim == 1:
-                p.copy_(0.1 * noise)
-            else:
-                p.copy_(noise * p[0].numel() ** -0.5)
 
 
 def tiny_model(seed=0):
