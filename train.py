@@ -186,8 +186,8 @@ def main(argv=None):
 
     from PIL import Image  # a grid of the concept, to look at
     prompts = [c.prompt for c in concepts for _ in range(4)]
-    Image.fromarray(image_grid(generate(sd, prompts, seed=args.seed, progress=False), columns=4)).save(
-        out.with_suffix(".png"))
+    grid = Image.fromarray(image_grid(generate(sd, prompts, seed=args.seed, progress=False), columns=4))
+    atomic_write(out.with_suffix(".png"), lambda tmp: grid.save(tmp, format="PNG"))
     print(f"wrote {out.with_suffix('.png')}")
 
 
