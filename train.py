@@ -64,8 +64,9 @@ def check_args(args):
     for flag, default in zip(("lr", "batch_size", "steps"), DEFAULTS[args.method]):
         if getattr(args, flag) is None:
             setattr(args, flag, default)
-    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--lr", args.lr)):
-        if value <= 0:
+    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--lr", args.lr),
+                        ("--save-every", args.save_every)):
+        if not value > 0:  # also nan
             raise NanocustomError(f"{flag} {value} is out of range; use a positive value")
     if args.prior_weight < 0 or args.gen_reg < 0:
         raise NanocustomError("--prior-weight and --gen-reg must be 0 or more")

@@ -11,6 +11,8 @@ import os
 import pickle
 import re
 import tempfile
+import warnings
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -80,10 +82,15 @@ def read_state_dict(path):
             with safe_open(str(path), "pt") as f:
                 metadata = f.metadata() or {}
             return load_file(str(path)), metadata
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # mmap needs torch.save's zip format; a bare pickle (older torch, or hand-made) is read whole, still safely
+        with warnings.catch_warnings():  # torch warns of pickle protocols it did not write, before refusing
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"refusing to load {path.name}: its pickle holds code or objects other than tensors "
-                              f"({str(e).splitlines()[0][:120]}); convert it to .safetensors with a tool you trust") from e
+        why = [line.strip() for line in str(e).splitlines() if line.strip().startswith("Unsupported")]
+        raise CheckpointError(f"refusing to load {path.name}: its pickle holds code or objects other than tensors"
+                              f"{f' ({why[0][:120]})' if why else ''}; convert it to .safetensors with a tool you "
+                              "trust") from e
     except Exception as e:
         raise CheckpointError(f"cannot read {path.name}: truncated or not a checkpoint "
                               f"({type(e).__name__}); download it again") from e
