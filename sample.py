@@ -18,8 +18,8 @@ from PIL import Image
 from nanocustom.attention import AttentionMaps, heatmap_strip
 from nanocustom.checkpoint import DEFAULT_CHECKPOINT, atomic_write, load
 from nanocustom.errors import NanocustomError
-from nanocustom.merge import combine
-from nanocustom.personalize import load_delta, save_delta
+from nanocustom.merge import combine, compress_custom_delta, decompress_custom_tensors
+from nanocustom.personalize import base_fingerprint, load_delta, read_delta_metadata, save_delta
 from nanocustom.pipeline import generate, image_grid
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -45,6 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--merge", choices=["lagrangian", "add"], default="lagrangian",
                    help="how several Custom Diffusion deltas combine (Kumari et al. Eq. 5, or plain addition)")
     p.add_argument("--save-delta", default=None, help="also write the combined delta to this .safetensors file")
+    p.add_argument("--compress", type=float, default=None, metavar="K",
+                   help="Custom Diffusion: keep W - W0 in low rank, the top singular values summing to the fraction "
+                        "K of their total (Kumari et al. App. B; 1 is exact); --save-delta then writes the factors")
     p.add_argument("--force", action="store_true", help="apply deltas made for another base model")
     p.add_argument("--lag", action="store_true", help="LAG sampling (Ham et al. §3.3): the residual delta only "
                                                       "where the concept's tokens attend")
@@ -56,7 +59,9 @@ def parse_args(argv=None):
 def check_args(args):
     for flag, ok, fix in (("--steps", args.steps > 0, "use at least 1"), ("--n", args.n > 0, "use at least 1"),
                           ("--guidance", args.guidance >= 0, "use 0 or more (7.5 is SD's default)"),
-                          ("--eta", args.eta >= 0, "use a value in [0, 1]")):
+                          ("--eta", args.eta >= 0, "use a value in [0, 1]"),
+                          ("--compress", args.compress is None or 0 < args.compress <= 1,
+                           "use a fraction in (0, 1], e.g. 0.6; 1 keeps the delta exact")):
         if not ok:
             raise NanocustomError(f"{flag} {getattr(args, flag[2:])} is out of range; {fix}")
     out = Path(args.out)
@@ -66,19 +71,46 @@ def check_args(args):
         raise NanocustomError(f"--out {out}: {out.parent} is not an existing directory; create it or choose another")
     if not os.access(out if out.exists() else out.parent, os.W_OK):
         raise NanocustomError(f"--out {out} is not writable; choose a writable directory")
+    if args.save_delta:
+        save_to = Path(args.save_delta)
+        if save_to.suffix != ".safetensors" or not save_to.parent.is_dir() or not os.access(save_to.parent, os.W_OK):
+            raise NanocustomError(f"--save-delta {save_to}: give a .safetensors path in a writable, existing directory")
+    if (args.compress is not None or args.save_delta) and not args.delta:
+        raise NanocustomError(f"--{'compress' if args.compress is not None else 'save-delta'} needs a delta; "
+                              "pass --delta FILE")
 
 
-def apply_deltas(sd, paths, force, how="lagrangian", save_to=None, keep_unfolded=False):
-    """Load the deltas (several: combined into one, nanocustom.merge.combine), optionally save the result, and fold
-    it into the weights; LAG keeps a residual delta unfolded."""
+def apply_deltas(sd, paths, force, how="lagrangian", save_to=None, keep_unfolded=False, keep=None):
+    """Load the deltas (several: combined into one, nanocustom.merge.combine), optionally compress it (Kumari et al.
+    App. B: W - W0 in low rank, `keep` of the sum of singular values) and save the result, and fold it into the
+    weights; LAG keeps a residual delta unfolded."""
     if not paths:
         if keep_unfolded:
             raise NanocustomError("--lag needs a personalized-residuals delta: pass --delta FILE")
         return
+    this = base_fingerprint(sd)
+    for path in paths:  # as load_delta and combine check, with the flag's name in the way out
+        made_for = read_delta_metadata(path).get("base_fingerprint")
+        if made_for != this and not force:
+            raise NanocustomError(f"{Path(path).name} was made for base model {made_for}, not this one ({this}); "
+                                  "pass the --ckpt it was trained on, or --force to apply it anyway")
     delta = combine(sd, paths, how, force=force) if len(paths) > 1 else load_delta(sd, paths[0], force=force)
     combined = f" ({how} merge)" if len(paths) > 1 and delta.method == "custom" else ""
     print(f"applied {', '.join(Path(p).name for p in paths)}{combined}")
-    if save_to:
+    if keep is not None:
+        if delta.method != "custom":
+            raise NanocustomError(f"--compress is for Custom Diffusion deltas, and this one is {delta.method}: SVDiff's "
+                                  "spectral shifts and personalized residuals are small and low-rank already")
+        low_rank, stats = compress_custom_delta(delta, keep)  # Kumari et al. App. B
+        full, low = stats["full_bytes"], stats["low_rank_bytes"]
+        print(f"compressed the delta to keep {keep:g} of its singular values' sum (Kumari et al. App. B): {full:,} -> "
+              f"{low:,} bytes ({100 * low / full:.1f}% of the full delta); relative error of W - W0: "
+              f"{stats['rel_error']:.3g}")
+        if save_to:
+            save_delta(delta, save_to, keep=keep)  # from the full delta: the same factors as low_rank
+            print(f"wrote the compressed delta to {save_to}")
+        delta.load_state_dict(decompress_custom_tensors(low_rank, delta.originals_by_key()))  # sample what is stored
+    elif save_to:
         save_delta(delta, save_to)
         print(f"wrote the combined delta to {save_to}")
     if keep_unfolded and delta.method != "residual":
@@ -108,7 +140,7 @@ def main(argv=None):
     if args.ckpt is None:
         print(f"using the shapes model ({DEFAULT_CHECKPOINT.name}); pass --ckpt for Stable Diffusion v1")
     sd = load(args.ckpt, device=args.device, dtype=dtype)
-    apply_deltas(sd, args.delta, args.force, args.merge, args.save_delta, keep_unfolded=args.lag)
+    apply_deltas(sd, args.delta, args.force, args.merge, args.save_delta, keep_unfolded=args.lag, keep=args.compress)
     check_tokens(sd, [args.prompt, args.negative_prompt])
     height, width = args.height or sd.resolution, args.width or sd.resolution
     f = sd.vae.downsampling_factor

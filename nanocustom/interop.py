@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from nanocustom import checkpoint
 from nanocustom.checkpoint import save_atomic
 from nanocustom.errors import NanocustomError
-from nanocustom.personalize import RARE_TOKENS, Delta, attach, read_delta_metadata
+from nanocustom.personalize import RARE_TOKENS, Delta, attach, read_delta_metadata, read_delta_tensors
 
 CUSTOM_DIFFUSION_WEIGHTS = "pytorch_custom_diffusion_weights.safetensors"  # the name unet.save_attn_procs gives
 SD_V1_NUM_RES_BLOCKS = 2
@@ -92,7 +92,7 @@ def read_tensors(path):
     return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
 
 
-def _delta_tensors(delta_or_path, method, num_res_blocks):
+def _delta_tensors(delta_or_path, method, num_res_blocks, sd=None):
     """(tensors, tokens, num_res_blocks) of a live Delta or a file save_delta wrote."""
     if isinstance(delta_or_path, Delta):
         delta = delta_or_path
@@ -104,7 +104,8 @@ def _delta_tensors(delta_or_path, method, num_res_blocks):
     if info["method"] != method:
         raise NanocustomError(f"{Path(delta_or_path).name} is a {info['method']} delta; "
                               f"only a {method} delta can be exported this way")
-    return load_file(str(delta_or_path)), info.get("tokens", []), num_res_blocks or SD_V1_NUM_RES_BLOCKS
+    tensors = read_delta_tensors(sd, delta_or_path, info, device="cpu")  # a compressed file needs sd's W0
+    return tensors, info.get("tokens", []), num_res_blocks or SD_V1_NUM_RES_BLOCKS
 
 
 def _write_token_files(out_dir, tokens, rows):
@@ -121,12 +122,12 @@ def _write_token_files(out_dir, tokens, rows):
 # -----------------------------------------------------------------------------
 # Custom Diffusion <-> diffusers' CustomDiffusionAttnProcessor files
 
-def export_diffusers_custom_diffusion(delta_or_path, out_dir, num_res_blocks=None):
+def export_diffusers_custom_diffusion(delta_or_path, out_dir, num_res_blocks=None, sd=None):
     """Write a Custom Diffusion delta as train_custom_diffusion.py leaves it: the processors' weights, keyed
     "<attn2 path>.processor.to_k_custom_diffusion.weight" (unet.save_attn_procs' names), and a textual-inversion
-    file per modifier token. num_res_blocks: taken from the model for a live delta, else SD v1's 2.
-    Returns the paths written, the weights first."""
-    tensors, tokens, num_res_blocks = _delta_tensors(delta_or_path, "custom", num_res_blocks)
+    file per modifier token. num_res_blocks: taken from the model for a live delta, else SD v1's 2. sd: the base
+    model, needed to read a low-rank (compressed) delta file. Returns the paths written, the weights first."""
+    tensors, tokens, num_res_blocks = _delta_tensors(delta_or_path, "custom", num_res_blocks, sd)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = {}

@@ -229,6 +229,46 @@ def delta_storage(W0, US, Vt):
     }
 
 
+def compress_custom_delta(delta, keep):
+    """Appendix B for a whole Custom Diffusion delta: every fine-tuned weight matrix W as the low-rank factors of
+    W - W0, "<key>.US" and "<key>.Vt" (compress_delta); biases and modifier-token rows as they are. This is the
+    file layout of personalize.save_delta(..., keep=). Returns (tensors, stats): stats holds the bytes of the full
+    and the compressed delta and the relative error ||W_k - W||_F / ||W - W0||_F over all compressed matrices."""
+    if delta.method != "custom":
+        raise NanocustomError(f"low-rank compression (Kumari et al. App. B) is for Custom Diffusion deltas, not "
+                              f"{delta.method}: SVDiff's spectral shifts and personalized residuals are small and "
+                              "low-rank already")
+    W0s, tensors = delta.originals_by_key(), {}
+    full_bytes, err2, delta2 = 0, 0.0, 0.0
+    for key, W in delta.state_dict().items():
+        full_bytes += W.numel() * W.element_size()
+        if key not in W0s or W.ndim != 2:
+            tensors[key] = W
+            continue
+        W0 = W0s[key]
+        US, Vt = compress_delta(W, W0, keep)
+        tensors[f"{key}.US"], tensors[f"{key}.Vt"] = US, Vt
+        change = W.double() - W0.double()
+        err2 += float((US.double() @ Vt.double() - change).square().sum())
+        delta2 += float(change.square().sum())
+    low_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    return tensors, {"full_bytes": full_bytes, "low_rank_bytes": low_bytes,
+                     "rel_error": (err2 / delta2) ** 0.5 if delta2 > 0 else 0.0}
+
+
+def decompress_custom_tensors(tensors, W0s):
+    """The inverse of compress_custom_delta: W = W0 + (U S) V^T for each "<key>.US"/"<key>.Vt" pair, W0 = W0s[key]."""
+    out = {k: v for k, v in tensors.items() if not k.endswith((".US", ".Vt"))}
+    for key in (k.removesuffix(".US") for k in tensors if k.endswith(".US")):
+        if f"{key}.Vt" not in tensors or key not in W0s:
+            raise NanocustomError(f"{key}: a low-rank factor without its pair or its base weight; the file is not a "
+                                  "compressed Custom Diffusion delta of this model")
+        out[key] = decompress_delta(tensors[f"{key}.US"], tensors[f"{key}.Vt"], W0s[key].to(tensors[f"{key}.US"]))
+    if any(k.endswith(".Vt") and k.removesuffix(".Vt") not in out for k in tensors):
+        raise NanocustomError("a .Vt factor without its .US; the file is not a compressed Custom Diffusion delta")
+    return out
+
+
 # ----------------------------------------------------------------------------- merging Custom Diffusion deltas
 
 REG_CAPTIONS = Path(__file__).parent / "assets" / "reg_captions.txt"  # our stand-in for the paper's LAION captions
@@ -321,9 +361,7 @@ def combine(sd, paths, how="lagrangian", scales=None, force=False, reg_captions=
     svdiff:   the spectral shifts add (Han et al. Eq. 4), times `scales` if given (Eq. 5, App. E.3);
     residual: sum_k s_k A_k B_k, the residuals of the concepts together (Ham et al. §3.2).
     The modifier tokens of every delta are kept, with their rows."""
-    from safetensors.torch import load_file
-
-    from nanocustom.personalize import attach, base_fingerprint, read_delta_metadata, residual_sum
+    from nanocustom.personalize import attach, base_fingerprint, read_delta_metadata, read_delta_tensors, residual_sum
     infos = [read_delta_metadata(p) for p in paths]
     methods = sorted({info["method"] for info in infos})
     if len(methods) != 1:
@@ -334,7 +372,7 @@ def combine(sd, paths, how="lagrangian", scales=None, force=False, reg_captions=
         if info.get("base_fingerprint") != this and not force:
             raise NanocustomError(f"{Path(path).name} was made for base model {info.get('base_fingerprint')}, not this "
                                   f"one ({this}); load the base it was trained on, or pass force=True")
-    tensors = [load_file(str(p)) for p in paths]
+    tensors = [read_delta_tensors(sd, p, info, device="cpu") for p, info in zip(paths, infos)]  # low rank: W0 + U S V^T
     method = methods[0]
     if method == "custom":
         if how not in ("lagrangian", "add"):

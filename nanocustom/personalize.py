@@ -565,10 +565,22 @@ def parameter_count(delta):
     return sum(p.numel() for group in delta.trainable() for p in group["params"])
 
 
-def save_delta(delta, path, extra_metadata=None):
-    """Write the delta alone as safetensors, atomically; its metadata() (+ extra) as JSON under "nanocustom"."""
-    tensors = {k: v.contiguous().cpu() for k, v in delta.state_dict().items()}
-    save_atomic(tensors, path, metadata={"nanocustom": json.dumps({**delta.metadata(), **(extra_metadata or {})})})
+def save_delta(delta, path, extra_metadata=None, keep=None):
+    """Write the delta alone as safetensors, atomically; its metadata() (+ extra) as JSON under "nanocustom".
+
+    keep (Custom Diffusion only): store each fine-tuned K/V matrix in low rank, Kumari et al. App. B, as the
+    factors "<key>.US" and "<key>.Vt" of W - W0 that keep the fraction `keep` of the sum of its singular values
+    (merge.compress_custom_delta); the metadata says {"compression": {"keep": keep, ...}}. load_delta and
+    merge.combine multiply them out against the base weights, so the file needs the base model it was made for."""
+    metadata = {**delta.metadata(), **(extra_metadata or {})}
+    if keep is None:
+        tensors = delta.state_dict()
+    else:
+        from nanocustom.merge import compress_custom_delta
+        tensors, _ = compress_custom_delta(delta, keep)
+        metadata["compression"] = {"keep": keep, "layout": "<key>.US @ <key>.Vt = W - W0 (Kumari et al. App. B)"}
+    tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
+    save_atomic(tensors, path, metadata={"nanocustom": json.dumps(metadata)})
 
 
 def read_delta_metadata(path):
@@ -591,6 +603,33 @@ def delta_method(path):
     return read_delta_metadata(path)["method"]
 
 
+def read_delta_tensors(sd, path, info=None, device=None):
+    """The tensors of a delta file, as Delta.load_state_dict takes them. A compressed Custom Diffusion file
+    (save_delta's keep=) holds W - W0 in low rank: its W = W0 + (U S) V^T are formed here from sd's base weights W0,
+    so sd must be the base model with no delta attached."""
+    info = read_delta_metadata(path) if info is None else info
+    try:
+        tensors = load_file(str(path), device=str(device or (sd.device if sd is not None else "cpu")))
+    except Exception as e:
+        raise NanocustomError(f"cannot read {Path(path).name} ({type(e).__name__}): truncated or not a delta; "
+                              "write it again with save_delta") from None
+    if "compression" not in info:
+        return tensors
+    if sd is None:
+        raise NanocustomError(f"{Path(path).name} stores Custom Diffusion's W - W0 in low rank (Kumari et al. App. B) "
+                              "and needs its base model to multiply out; pass the base model (sd=...)")
+    check_free(sd)
+    from nanocustom.merge import decompress_custom_tensors
+    W0s = {}
+    for key in (k.removesuffix(".US") for k in tensors if k.endswith(".US")):
+        try:
+            W0s[key] = sd.unet.get_parameter(key.removeprefix("unet.")).detach()
+        except AttributeError:
+            raise NanocustomError(f"{Path(path).name}: {key} is not a weight of this model's UNet; load the base "
+                                  "model the delta was made for") from None
+    return decompress_custom_tensors(tensors, W0s)
+
+
 def load_delta(sd, path, force=False, **options):
     """Attach the delta saved at path to sd. Refuses one made for other base weights unless force=True.
     options (e.g. cache_dir) are passed to attach, over the saved ones."""
@@ -600,6 +639,7 @@ def load_delta(sd, path, force=False, **options):
     if made_for != this and not force:
         raise NanocustomError(f"{Path(path).name} was made for base model {made_for}, not this one ({this}); "
                               "load the base it was trained on, or pass force=True to apply it anyway")
+    tensors = read_delta_tensors(sd, path, info)  # before attach: a compressed file needs the base weights W0
     delta = attach(sd, info["method"], tokens=info.get("tokens", []), **{**info.get("options", {}), **options})
-    delta.load_state_dict(load_file(str(path), device=str(sd.device)))
+    delta.load_state_dict(tensors)
     return delta

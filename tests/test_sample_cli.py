@@ -6,6 +6,7 @@ and reports the exit code and stderr of each. The good run is a plain `python sa
 """
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +17,9 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from nanocustom.checkpoint import new_model, save
+from nanocustom.checkpoint import load, new_model, save
 from nanocustom.clip import CLIPTextConfig
+from nanocustom.personalize import attach, save_delta
 from nanocustom.unet import UNetConfig
 from nanocustom.vae import VAEConfig
 
@@ -80,8 +82,8 @@ import contextlib, io, json, runpy, sys, traceback
 results = []
 for argv in json.loads(sys.argv[1]):
     sys.argv = ["sample.py", *argv]
-    stderr = io.StringIO()
-    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+    stderr, stdout = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(stdout):
         try:
             runpy.run_path("sample.py", run_name="__main__")
             code = 0
@@ -90,7 +92,7 @@ for argv in json.loads(sys.argv[1]):
         except BaseException:  # what the interpreter does with an uncaught exception
             traceback.print_exc()
             code = 1
-    results.append([code, stderr.getvalue()])
+    results.append([code, stderr.getvalue(), stdout.getvalue()])
 print(json.dumps(results))
 """
 
@@ -108,6 +110,20 @@ BAD_INPUTS = {
     "ckpt_missing": (["--ckpt", "{tmp}/nope.safetensors"], "checkpoint not found"),
     "ckpt_truncated": (["--ckpt", "{tmp}/cut.safetensors"], "truncated"),
     "ckpt_sdxl": (["--ckpt", "{tmp}/sdxl.safetensors"], "SDXL"),
+    "ckpt_sd2": (["--ckpt", "{tmp}/sd2.safetensors"], "SD 2.x"),
+    "ckpt_pickle_runs_code": (["--ckpt", "{tmp}/evil.ckpt"], "refusing to load evil.ckpt: its pickle holds code"),
+    "prompt_names_an_unknown_token": (["--prompt", "photo of a <new1> square"], "no loaded delta provides"),
+    "delta_for_another_base": (["--delta", "{tmp}/other_base.safetensors"], "or --force to apply it anyway"),
+    "two_deltas_claim_one_token": (["--delta", "{tmp}/custom.safetensors", "--delta", "{tmp}/custom_again.safetensors"],
+                                   "same modifier token twice"),
+    "compress_0": (["--delta", "{tmp}/custom.safetensors", "--compress", "0"], "--compress 0.0 is out of range"),
+    "compress_1.5": (["--delta", "{tmp}/custom.safetensors", "--compress", "1.5"], "--compress 1.5 is out of range"),
+    "compress_nan": (["--delta", "{tmp}/custom.safetensors", "--compress", "nan"], "--compress nan is out of range"),
+    "compress_without_delta": (["--compress", "0.5"], "--compress needs a delta"),
+    "compress_residual": (["--delta", "{tmp}/residual.safetensors", "--compress", "0.5", "--save-delta",
+                           "{tmp}/nope.safetensors"], "low-rank already"),
+    "save_delta_in_a_missing_directory": (["--delta", "{tmp}/custom.safetensors", "--save-delta",
+                                           "{tmp}/missing/d.safetensors"], "writable, existing directory"),
     "out_parent_missing": (["--out", "{tmp}/missing/out"], "is not an existing directory"),
     # An unwritable --out directory (chmod 555) cannot be tested: the tests run as root, who writes there anyway.
     # These two paths are unwritable to root as well.
@@ -115,6 +131,33 @@ BAD_INPUTS = {
     "out_is_a_file": (["--out", "{tmp}/a_file"], "a_file"),
 }
 UNKNOWN_SAMPLER = (["--sampler", "euler"], "argument --sampler: invalid choice")  # argparse's own error
+# name: arguments of runs that must succeed, in the same driver process
+GOOD_INPUTS = {
+    "delta_for_another_base_forced": ["--delta", "{tmp}/other_base.safetensors", "--force"],
+    "custom": ["--delta", "{tmp}/custom.safetensors"],
+    "custom_compressed_1": ["--delta", "{tmp}/custom.safetensors", "--compress", "1"],
+    "custom_compressed_0.3": ["--delta", "{tmp}/custom.safetensors", "--compress", "0.3", "--save-delta",
+                              "{tmp}/low.safetensors"],
+    "custom_from_the_compressed_file": ["--delta", "{tmp}/low.safetensors"],
+}
+
+
+class Exploit:
+    """A pickle that would create a file when unpickled."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def write_delta(sd, method, token, path, seed):
+    delta = attach(sd, method, tokens=[token])
+    g = torch.Generator().manual_seed(seed)
+    delta.load_state_dict({k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in delta.state_dict().items()})
+    save_delta(delta, path, {"training": {"prompt": [f"photo of a {token} square"]}})
+    delta.detach()
 
 
 @pytest.fixture(scope="module")
@@ -126,16 +169,28 @@ def bad_runs(ckpt, tmp_path_factory):
     (tmp / "cut.safetensors").write_bytes(data[: len(data) // 2])
     save_file({"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.zeros(1),
                "model.diffusion_model.out.2.weight": torch.zeros(1)}, tmp / "sdxl.safetensors")
+    save_file({"cond_stage_model.model.ln_final.weight": torch.zeros(1),
+               "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(320, 1024)},
+              tmp / "sd2.safetensors")
+    with open(tmp / "evil.ckpt", "wb") as f:
+        pickle.dump({"state_dict": {"w": Exploit(str(tmp / "pwned"))}}, f)
+    sd = load(ckpt)
+    write_delta(sd, "custom", "<new1>", tmp / "custom.safetensors", 1)
+    write_delta(sd, "custom", "<new1>", tmp / "custom_again.safetensors", 2)
+    write_delta(sd, "residual", "<new1>", tmp / "residual.safetensors", 3)
+    torch.manual_seed(1)
+    write_delta(new_model(**TINY, resolution=32), "residual", "<new1>", tmp / "other_base.safetensors", 4)
     table = {}
-    for name, (args, message) in {**BAD_INPUTS, "sampler_unknown": UNKNOWN_SAMPLER}.items():
+    for name, (args, message) in {**BAD_INPUTS, "sampler_unknown": UNKNOWN_SAMPLER,
+                                  **{k: (v, None) for k, v in GOOD_INPUTS.items()}}.items():
         args = [a.format(tmp=tmp) for a in args]
         out = Path(args[args.index("--out") + 1]) if "--out" in args else tmp / f"out_{name}"
         table[name] = (["--ckpt", str(ckpt), *FAST, "--n", "1", "--out", str(out), *args], message, out)
     result = run(["-c", DRIVER, json.dumps([args for args, _, _ in table.values()])])
     assert result.returncode == 0, result.stderr
     results = json.loads(result.stdout.splitlines()[-1])
-    runs = {name: (code, stderr, message, out)
-            for (name, (_, message, out)), (code, stderr) in zip(table.items(), results)}
+    runs = {name: (code, stderr, message, out, stdout)
+            for (name, (_, message, out)), (code, stderr, stdout) in zip(table.items(), results)}
     return runs, tmp
 
 
@@ -146,18 +201,44 @@ def files_in(out):
 @pytest.mark.parametrize("name", BAD_INPUTS)
 def test_bad_input_exits_2_with_one_error_line_and_writes_nothing(bad_runs, name):
     runs, tmp = bad_runs
-    code, stderr, message, out = runs[name]
+    code, stderr, message, out, _ = runs[name]
     assert "Traceback" not in stderr, stderr
     assert code == 2
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], stderr
-    assert files_in(out) == [] and not list(tmp.rglob("*.tmp"))
+    assert files_in(out) == [] and not list(tmp.rglob("*.tmp")) and not (tmp / "nope.safetensors").exists()
     assert (tmp / "a_file").read_text() == "not a directory"
+    assert not (tmp / "pwned").exists()  # the pickle's code never ran
 
 
 def test_unknown_sampler_is_argparses_exit_2_and_writes_nothing(bad_runs):
     runs, _ = bad_runs
-    code, stderr, message, out = runs["sampler_unknown"]
+    code, stderr, message, out, _ = runs["sampler_unknown"]
     assert code == 2 and "Traceback" not in stderr
     assert message in stderr.strip().splitlines()[-1]
     assert not out.exists()
+
+
+def images_of(out):
+    return [np.asarray(Image.open(out / f"{i:03d}.png")).astype(int) for i in range(1)]
+
+
+@pytest.mark.parametrize("name", GOOD_INPUTS)
+def test_good_delta_runs_exit_0_and_write_their_images(bad_runs, name):
+    runs, _ = bad_runs
+    code, stderr, _, out, _ = runs[name]
+    assert code == 0 and "Traceback" not in stderr, stderr
+    assert sorted(p.name for p in out.iterdir()) == ["000.png", "grid.png"]
+
+
+def test_compress_prints_storage_and_error_and_keep_1_samples_the_full_deltas_images(bad_runs):
+    runs, tmp = bad_runs
+    full, exact, low = (runs[name] for name in ("custom", "custom_compressed_1", "custom_compressed_0.3"))
+    assert "relative error of W - W0" in exact[4] and "bytes (" in exact[4]
+    assert "% of the full delta" in low[4] and "wrote the compressed delta" in low[4]
+    assert max(np.abs(a - b).max() for a, b in zip(images_of(full[3]), images_of(exact[3]))) <= 1  # fp32 rounding
+    assert any(np.abs(a - b).max() > 0 for a, b in zip(images_of(full[3]), images_of(low[3])))
+    # the file --save-delta wrote samples the images that the compressed run did
+    reread = runs["custom_from_the_compressed_file"]
+    assert all(np.array_equal(a, b) for a, b in zip(images_of(low[3]), images_of(reread[3])))
+    assert (tmp / "low.safetensors").stat().st_size < (tmp / "custom.safetensors").stat().st_size
