@@ -25,7 +25,8 @@ from nanocustom.data import CUTMIX_PROB, Concept, ConceptBatches, generate_regul
 from nanocustom.diffusion import Diffusion
 from nanocustom.errors import NanocustomError
 from nanocustom.personalize import attach, save_delta
-from nanocustom.pipeline import generate, image_grid, images_to_latents
+from nanocustom.pipeline import generate, image_grid
+from nanocustom.training import FeatureCache, training_step
 
 # Paper defaults: (learning rate, batch size, steps). Custom Diffusion: 1e-5 scaled by the batch size (§4); SVDiff:
 # App. A; personalized residuals: §4.1. On the shapes model, a CPU and 64x64 images, steps are fewer (see README).
@@ -46,7 +47,11 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--no-augment", action="store_true", help="no resize augmentation (allows cached latents)")
+    p.add_argument("--no-augment", action="store_true", help="no resize augmentation")
+    p.add_argument("--cache", action="store_true", help="encode each image and prompt once (implies --no-augment and "
+                                                        "no flips; the text features only while no token rows train)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute the UNet's activations in backward: "
+                                                                     "less memory, a slower step")
     p.add_argument("--cutmix", action="store_true", help="SVDiff's Cut-Mix-Unmix when training several concepts")
     p.add_argument("--train-attn2", action="store_true", help="Custom Diffusion: train all of attn2, not only K/V")
     p.add_argument("--subset", default="all", help="SVDiff: the layer subset of Han et al. Table 1")
@@ -70,6 +75,8 @@ def check_args(args):
             raise NanocustomError(f"{flag} {value} is out of range; use a positive value")
     if args.prior_weight < 0 or args.gen_reg < 0:
         raise NanocustomError("--prior-weight and --gen-reg must be 0 or more")
+    if args.cache and args.cutmix:
+        raise NanocustomError("--cache needs a fixed set of samples; Cut-Mix-Unmix makes new ones: drop one of them")
     if len(args.prompt) != len(args.concept):
         raise NanocustomError(f"{len(args.concept)} --concept but {len(args.prompt)} --prompt; give one prompt per concept")
     for flag in ("class_prompt", "reg_dir"):
@@ -98,16 +105,6 @@ def concepts_from(args):
     return concepts
 
 
-def masked_loss(eps, noise, masks, is_reg, prior_weight):
-    """Per-sample MSE over the valid latent region; targets' mean + lambda * regularisation samples' mean."""
-    masks = masks.to(eps.dtype).expand_as(eps)
-    per_sample = ((eps.float() - noise.float()) ** 2 * masks).sum((1, 2, 3)) / masks.sum((1, 2, 3)).clamp(min=1)
-    loss = per_sample[~is_reg].mean()
-    if is_reg.any():
-        loss = loss + prior_weight * per_sample[is_reg].mean()
-    return loss
-
-
 def save_resume_state(path, delta, opt, step, generator):
     """The delta, optimizer and RNG state, written atomically, for --resume."""
     state = {"delta": delta.state_dict(), "optimizer": opt.state_dict(), "step": step, "generator": generator.get_state()}
@@ -126,8 +123,11 @@ def main(argv=None):
     if args.gen_reg:
         for i, c in enumerate(concepts):
             c.reg = generate_regularization(sd, c.class_prompt, args.gen_reg, seed=args.seed + 1000 * i)
-    batches = ConceptBatches(concepts, sd.resolution, sd.vae.downsampling_factor, aug=not args.no_augment,
+    batches = ConceptBatches(concepts, sd.resolution, sd.vae.downsampling_factor,
+                             aug=not (args.no_augment or args.cache), flip_p=0.0 if args.cache else 0.5,
                              cutmix_prob=CUTMIX_PROB if args.cutmix else 0.0)
+    cache = FeatureCache(sd) if args.cache else None
+    sd.unet.gradient_checkpointing = args.grad_checkpointing
     options = {"custom": {"train": "attn2" if args.train_attn2 else "kv"}, "svdiff": {"subset": args.subset},
                "residual": {}}[args.method]
     delta = attach(sd, args.method, tokens=[c.token for c in concepts], **options)
@@ -154,23 +154,12 @@ def main(argv=None):
     try:
         for step in bar:
             batch = batches.next_batch(args.batch_size, generator)
-            with torch.no_grad():
-                x0 = images_to_latents(sd, batch["images"], generator=generator)
-            noise = torch.randn(x0.shape, generator=generator).to(x0)
-            t = torch.randint(0, diffusion.T, (x0.shape[0],), generator=generator).to(sd.device)
-            ids = sd.tokenizer.encode(batch["prompts"]).to(sd.device)
-            with torch.autocast(sd.device.type, dtype=dtype, enabled=dtype != torch.float32):
-                eps = sd.unet(diffusion.add_noise(x0, noise, t), t, sd.text_encoder(ids))
-            loss = masked_loss(eps, noise, batch["masks"].to(sd.device), batch["is_reg"].to(sd.device),
-                               args.prior_weight)
+            loss = training_step(sd, batch, opt, generator, dtype, args.prior_weight, cache, diffusion)
             if not torch.isfinite(loss):
                 delta.load_state_dict(last_good)
                 save_delta(delta, out, metadata)
                 raise NanocustomError(f"the loss became {loss.item()} at step {step}; kept the last good delta in "
                                       f"{out}; lower --lr (now {args.lr:g})")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
             last_good = delta.state_dict()
             bar.set_postfix(loss=f"{loss.item():.4f}")
             if (step + 1) % args.save_every == 0 and step + 1 < args.steps:

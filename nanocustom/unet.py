@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -220,6 +221,7 @@ class UNet(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), nn.Conv2d(mc, c.out_channels, 3, padding=1))
+        self.gradient_checkpointing = False  # training: keep only block inputs, recompute the rest in backward
 
     def forward(self, x, t, context):
         """x [B, 4, h, w] noisy latents, t [B] timesteps, context [B, 77, context_dim] -> predicted noise."""
@@ -227,9 +229,14 @@ class UNet(nn.Module):
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))
         skips, h = [], x
         for block in self.input_blocks:
-            h = block(h, emb, context)
+            h = self.run(block, h, emb, context)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
+        h = self.run(self.middle_block, h, emb, context)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+            h = self.run(block, torch.cat([h, skips.pop()], dim=1), emb, context)
         return self.out(h)
+
+    def run(self, block, h, emb, context):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, h, emb, context, use_reentrant=False)
+        return block(h, emb, context)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import nanocustom.training
 import train
 from nanocustom.checkpoint import load, new_model, save
 from nanocustom.clip import CLIPTextConfig
@@ -53,7 +54,7 @@ def test_each_method_trains_and_writes_a_delta_the_sampler_loads(tiny, tmp_path,
 
 def test_resume_after_an_interruption_gives_the_uninterrupted_result(tiny, tmp_path, monkeypatch):
     train.main(args(tiny, tmp_path / "straight.safetensors"))
-    calls, masked_loss = [], train.masked_loss
+    calls, masked_loss = [], nanocustom.training.masked_loss
 
     def interrupt_at_step_3(*a):
         calls.append(1)
@@ -61,12 +62,12 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_result(tiny, tmp_p
             raise KeyboardInterrupt
         return masked_loss(*a)
 
-    monkeypatch.setattr(train, "masked_loss", interrupt_at_step_3)
+    monkeypatch.setattr(nanocustom.training, "masked_loss", interrupt_at_step_3)
     with pytest.raises(SystemExit) as e:
         train.main(args(tiny, tmp_path / "resumed.safetensors"))
     assert e.value.code == 130
     interrupted = load_file(tmp_path / "resumed.safetensors")  # Ctrl-C kept the delta of step 2
-    monkeypatch.setattr(train, "masked_loss", masked_loss)
+    monkeypatch.setattr(nanocustom.training, "masked_loss", masked_loss)
     train.main(args(tiny, tmp_path / "resumed.safetensors", "residual", "--resume"))
     straight, resumed = load_file(tmp_path / "straight.safetensors"), load_file(tmp_path / "resumed.safetensors")
     assert straight.keys() == resumed.keys()
@@ -76,13 +77,13 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_result(tiny, tmp_p
 
 
 def test_a_non_finite_loss_stops_with_the_last_good_delta(tiny, tmp_path, monkeypatch):
-    calls, masked_loss = [], train.masked_loss
+    calls, masked_loss = [], nanocustom.training.masked_loss
 
     def nan_at_step_3(*a):
         calls.append(1)
         return masked_loss(*a) * (float("nan") if len(calls) == 3 else 1.0)
 
-    monkeypatch.setattr(train, "masked_loss", nan_at_step_3)
+    monkeypatch.setattr(nanocustom.training, "masked_loss", nan_at_step_3)
     with pytest.raises(train.NanocustomError, match="loss became nan at step 2; kept the last good delta"):
         train.main(args(tiny, tmp_path / "d.safetensors"))
     assert all(torch.isfinite(v).all() for v in load_file(tmp_path / "d.safetensors").values())

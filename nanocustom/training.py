@@ -1,0 +1,85 @@
+"""One fine-tuning step, shared by train.py and bench.py: DDPM's L_simple (Ho et al. 2020 Eq. 14) on the target
+images, masked to the valid latent region (Kumari et al., Training details), plus lambda times the same loss on
+regularisation images of the class (prior preservation, SVDiff Eq. 3), then one optimizer step on the delta.
+
+The frozen weights may be half precision while the trained tensors stay fp32: the forward runs under autocast.
+Two ways to spend less per step, both leaving the result unchanged:
+
+  FeatureCache                    when the samples are a fixed set (ConceptBatches.cacheable: no resize
+                                  augmentation, flips or cut-mix), each image's VAE posterior and each prompt's
+                                  text features are computed once; the posterior is still sampled every step.
+  unet.gradient_checkpointing     recompute each UNet block's activations in backward instead of keeping them.
+"""
+import torch
+
+from nanocustom.diffusion import Diffusion
+from nanocustom.pipeline import images_to_latents
+
+
+def masked_loss(eps, noise, masks, is_reg, prior_weight):
+    """Per-sample MSE over the valid latent region; targets' mean + lambda * regularisation samples' mean."""
+    masks = masks.to(eps.dtype).expand_as(eps)
+    per_sample = ((eps.float() - noise.float()) ** 2 * masks).sum((1, 2, 3)) / masks.sum((1, 2, 3)).clamp(min=1)
+    loss = per_sample[~is_reg].mean()
+    if is_reg.any():
+        loss = loss + prior_weight * per_sample[is_reg].mean()
+    return loss
+
+
+class FeatureCache:
+    """VAE posteriors by sample source and text features by prompt, for batches of a cacheable ConceptBatches.
+
+    The VAE is always frozen; the text encoder is frozen unless the delta trains its modifier-token rows (Custom
+    Diffusion) or its weights (SVDiff with text_encoder=True): then its features are computed every step."""
+
+    def __init__(self, sd):
+        self.sd, self.posteriors, self.features = sd, {}, {}
+
+    @torch.no_grad()
+    def latents(self, batch, generator):
+        """As pipeline.images_to_latents, drawing the same random numbers: a sample of each cached posterior."""
+        sources = batch["sources"]
+        new = [i for i, s in enumerate(sources) if s not in self.posteriors]
+        if new:
+            mean, logvar = self.sd.vae.encode(batch["images"][new].to(self.sd.device, self.sd.dtype))
+            self.posteriors.update({sources[i]: (m, lv) for i, m, lv in zip(new, mean, logvar)})
+        mean, logvar = (torch.stack(x) for x in zip(*(self.posteriors[s] for s in sources)))
+        noise = torch.randn(mean.shape, generator=generator).to(mean)
+        return (mean + torch.exp(0.5 * logvar) * noise) * self.sd.latent_scale
+
+    def text_features(self, prompts):
+        if any(p.requires_grad for p in self.sd.text_encoder.parameters()):
+            return encode_text(self.sd, prompts)
+        new = [p for p in dict.fromkeys(prompts) if p not in self.features]
+        if new:
+            with torch.no_grad():
+                self.features.update(zip(new, encode_text(self.sd, new)))
+        return torch.stack([self.features[p] for p in prompts])
+
+
+def encode_text(sd, prompts):
+    return sd.text_encoder(sd.tokenizer.encode(prompts).to(sd.device))
+
+
+def training_step(sd, batch, opt, generator, dtype, prior_weight=1.0, cache=None, diffusion=None):
+    """One step on `batch` (ConceptBatches.next_batch) -> the loss. `dtype`: the frozen weights' dtype, autocast's
+    when not float32. A non-finite loss is returned before backward, no step taken, so that the caller can keep
+    the last good delta."""
+    diffusion = diffusion or Diffusion()
+    if cache is None:
+        with torch.no_grad():
+            x0 = images_to_latents(sd, batch["images"], generator=generator)
+    else:
+        x0 = cache.latents(batch, generator)
+    noise = torch.randn(x0.shape, generator=generator).to(x0)
+    t = torch.randint(0, diffusion.T, (x0.shape[0],), generator=generator).to(sd.device)
+    with torch.autocast(sd.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        context = encode_text(sd, batch["prompts"]) if cache is None else cache.text_features(batch["prompts"])
+        eps = sd.unet(diffusion.add_noise(x0, noise, t), t, context)
+    loss = masked_loss(eps, noise, batch["masks"].to(sd.device), batch["is_reg"].to(sd.device), prior_weight)
+    if not torch.isfinite(loss):
+        return loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss
