@@ -55,7 +55,7 @@ from helpers import write_clip_tokenizer_files  # noqa: E402  (CLIP's tokenizer 
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CONFIGS = {  # name -> (UNet config, latent side, batch); batch 2 = one image with classifier-free guidance
-    "shapes": (UNET_CONFIG, 8, 2),
+    "shapes": (UNET_CONFIG, 16, 2),  # 64x64 images, 16x16x4 latents
     "reduced": (UNetConfig(model_channels=128, channel_mult=(1, 2, 4, 4), num_heads=8), 32, 2),  # SD v1 at half width, 256x256
     "sd": (UNetConfig(), 64, 2),  # SD v1 at 512x512
 }

@@ -65,6 +65,12 @@ class StableDiffusion:
     def dtype(self):
         return next(self.unet.parameters()).dtype
 
+    def to(self, device=None, dtype=None):
+        """Move the three models (in place, like nn.Module.to) and return self."""
+        for module in (self.text_encoder, self.unet, self.vae):
+            module.to(device=device, dtype=dtype)
+        return self
+
 
 def new_model(unet=None, vae=None, text_encoder=None, **settings):
     """A randomly initialised model of the given configs (SD v1 by default); settings as in StableDiffusion."""

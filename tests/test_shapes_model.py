@@ -22,7 +22,7 @@ def shapes():
 def test_shipped_model_is_the_default_and_loads_with_its_configs(shapes):
     assert shapes.name == DEFAULT_CHECKPOINT.name
     assert (shapes.unet.config, shapes.vae.config, shapes.text_encoder.config) == (UNET_CONFIG, VAE_CONFIG, TEXT_CONFIG)
-    assert shapes.resolution == 64 and shapes.vae.downsampling_factor == 8
+    assert shapes.resolution == 64 and shapes.vae.downsampling_factor == 4  # 16x16x4 latents
 
 
 def test_shipped_weights_stay_under_25_mb():
