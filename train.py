@@ -26,7 +26,7 @@ from nanocustom.diffusion import Diffusion
 from nanocustom.errors import NanocustomError
 from nanocustom.personalize import attach, save_delta
 from nanocustom.pipeline import generate, image_grid
-from nanocustom.training import FeatureCache, training_step
+from nanocustom.training import FeatureCache, Unmix, training_step
 
 # Paper defaults: (learning rate, batch size, steps). Custom Diffusion: 1e-5 scaled by the batch size (§4); SVDiff:
 # App. A; personalized residuals: §4.1. On the shapes model, a CPU and 64x64 images, steps are fewer (see README).
@@ -53,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute the UNet's activations in backward: "
                                                                      "less memory, a slower step")
     p.add_argument("--cutmix", action="store_true", help="SVDiff's Cut-Mix-Unmix when training several concepts")
+    p.add_argument("--unmix-weight", type=float, default=0.0, help="with --cutmix: weight of the unmix attention "
+                                                                   "regulariser (SVDiff App. D.1 Eq. 10; 0: off)")
     p.add_argument("--train-attn2", action="store_true", help="Custom Diffusion: train all of attn2, not only K/V")
     p.add_argument("--subset", default="all", help="SVDiff: the layer subset of Han et al. Table 1")
     p.add_argument("--ckpt", default=None, help="base model (default: the shapes model)")
@@ -75,6 +77,8 @@ def check_args(args):
             raise NanocustomError(f"{flag} {value} is out of range; use a positive value")
     if args.prior_weight < 0 or args.gen_reg < 0:
         raise NanocustomError("--prior-weight and --gen-reg must be 0 or more")
+    if not args.unmix_weight >= 0 or (args.unmix_weight > 0 and not args.cutmix):
+        raise NanocustomError(f"--unmix-weight {args.unmix_weight} needs a value >= 0, and --cutmix when above 0")
     if args.cache and args.cutmix:
         raise NanocustomError("--cache needs a fixed set of samples; Cut-Mix-Unmix makes new ones: drop one of them")
     if len(args.prompt) != len(args.concept):
@@ -127,6 +131,7 @@ def main(argv=None):
                              aug=not (args.no_augment or args.cache), flip_p=0.0 if args.cache else 0.5,
                              cutmix_prob=CUTMIX_PROB if args.cutmix else 0.0)
     cache = FeatureCache(sd) if args.cache else None
+    unmix = Unmix(sd, [c.token for c in concepts], args.unmix_weight) if args.unmix_weight > 0 else None
     sd.unet.gradient_checkpointing = args.grad_checkpointing
     options = {"custom": {"train": "attn2" if args.train_attn2 else "kv"}, "svdiff": {"subset": args.subset},
                "residual": {}}[args.method]
@@ -154,7 +159,7 @@ def main(argv=None):
     try:
         for step in bar:
             batch = batches.next_batch(args.batch_size, generator)
-            loss = training_step(sd, batch, opt, generator, dtype, args.prior_weight, cache, diffusion)
+            loss = training_step(sd, batch, opt, generator, dtype, args.prior_weight, cache, diffusion, unmix)
             if not torch.isfinite(loss):
                 delta.load_state_dict(last_good)
                 save_delta(delta, out, metadata)

@@ -9,9 +9,18 @@ Two ways to spend less per step, both leaving the result unchanged:
                                   augmentation, flips or cut-mix), each image's VAE posterior and each prompt's
                                   text features are computed once; the posterior is still sampled every step.
   unet.gradient_checkpointing     recompute each UNet block's activations in backward instead of keeping them.
+
+With Cut-Mix-Unmix (Han et al. §3.3) an optional `Unmix` term adds, on the cut-mix samples, the attention
+regulariser of App. D.1 (Eq. 10): each modifier token's cross-attention map is pushed to 0 on the half of the
+image that shows the other concept.
 """
+import math
+from contextlib import nullcontext
+
 import torch
 
+from nanocustom.attention import observing
+from nanocustom.data import unmix_mask
 from nanocustom.diffusion import Diffusion
 from nanocustom.pipeline import images_to_latents
 
@@ -57,14 +66,48 @@ class FeatureCache:
         return torch.stack([self.features[p] for p in prompts])
 
 
+class Unmix:
+    """SVDiff's unmix regulariser (§3.3, App. D.1 Eq. 10): weight * mean over attn2 layers and modifier tokens of
+    ||A - sg(A ⊙ M)||^2, where A is the token's cross-attention map (averaged over heads) and M the half of a
+    cut-mix image that the token stands for (data.unmix_mask). Outside M the term is ||A||^2; inside it is 0, so
+    attention is pushed off the other concept's half and left free on its own. Samples that are not cut-mixes
+    have M = 1 everywhere and add nothing."""
+
+    def __init__(self, sd, tokens, weight):
+        self.sd, self.tokens, self.weight = sd, list(tokens), weight
+
+    def observe(self, batch):
+        """-> (context manager that watches the UNet's attn2 layers, function returning the term after the pass)."""
+        ids = self.sd.tokenizer.encode(batch["prompts"])
+        terms = []
+
+        def observer(path, probs):  # probs [B, heads, H*W, 77], with grad
+            A = probs.float().mean(1)  # (B, H*W, 77)
+            side = int(math.isqrt(A.shape[1]))
+            for token in self.tokens:
+                at = ids == self.sd.tokenizer.token_id(token)  # [B, 77]: where the token sits in each prompt
+                if not at.any():
+                    continue
+                position = at.float().argmax(1).to(A.device)
+                a = A.gather(2, position.view(-1, 1, 1).expand(-1, A.shape[1], 1))[..., 0]  # (B, H*W)
+                M = unmix_mask(batch, token, side).flatten(1).to(a)
+                err = (a - (a * M).detach()) ** 2  # Eq. 10
+                terms.append(err[at.any(1).to(a.device)].mean())
+
+        def term():
+            return self.weight * torch.stack(terms).mean() if terms else torch.zeros((), device=self.sd.device)
+
+        return observing(self.sd.unet, observer), term
+
+
 def encode_text(sd, prompts):
     return sd.text_encoder(sd.tokenizer.encode(prompts).to(sd.device))
 
 
-def training_step(sd, batch, opt, generator, dtype, prior_weight=1.0, cache=None, diffusion=None):
+def training_step(sd, batch, opt, generator, dtype, prior_weight=1.0, cache=None, diffusion=None, unmix=None):
     """One step on `batch` (ConceptBatches.next_batch) -> the loss. `dtype`: the frozen weights' dtype, autocast's
-    when not float32. A non-finite loss is returned before backward, no step taken, so that the caller can keep
-    the last good delta."""
+    when not float32; `unmix`: an Unmix, applied when the batch holds cut-mix samples. A non-finite loss is
+    returned before backward, no step taken, so that the caller can keep the last good delta."""
     diffusion = diffusion or Diffusion()
     if cache is None:
         with torch.no_grad():
@@ -73,10 +116,13 @@ def training_step(sd, batch, opt, generator, dtype, prior_weight=1.0, cache=None
         x0 = cache.latents(batch, generator)
     noise = torch.randn(x0.shape, generator=generator).to(x0)
     t = torch.randint(0, diffusion.T, (x0.shape[0],), generator=generator).to(sd.device)
-    with torch.autocast(sd.device.type, dtype=dtype, enabled=dtype != torch.float32):
+    watch, unmix_term = unmix.observe(batch) if unmix and batch["cutmix"].any() else (nullcontext(), None)
+    with torch.autocast(sd.device.type, dtype=dtype, enabled=dtype != torch.float32), watch:
         context = encode_text(sd, batch["prompts"]) if cache is None else cache.text_features(batch["prompts"])
         eps = sd.unet(diffusion.add_noise(x0, noise, t), t, context)
     loss = masked_loss(eps, noise, batch["masks"].to(sd.device), batch["is_reg"].to(sd.device), prior_weight)
+    if unmix_term is not None:
+        loss = loss + unmix_term()
     if not torch.isfinite(loss):
         return loss
     opt.zero_grad(set_to_none=True)

@@ -5,7 +5,7 @@ import torch
 from nanocustom.checkpoint import new_model
 from nanocustom.clip import CLIPTextConfig
 from nanocustom.personalize import attach
-from nanocustom.training import FeatureCache, training_step
+from nanocustom.training import FeatureCache, Unmix, encode_text, training_step
 from nanocustom.unet import UNetConfig
 from nanocustom.vae import VAEConfig
 
@@ -57,3 +57,50 @@ def test_cached_and_uncached_steps_give_the_same_loss():
             cached_loss, _ = step(sd, delta, cache, seed)
             assert abs(cached_loss - loss) <= 1e-5 * loss, method
         assert len(cache.posteriors) == 3 and len(cache.features) == (2 if method == "residual" else 0)
+
+
+def a_cutmix_batch(sides=("<new1>", "<new2>")):
+    batch = a_batch()
+    batch["prompts"] = ["photo of a <new1> square and a <new2> circle"] * 2 + ["photo of a square"] * 2
+    batch["cutmix"] = torch.tensor([True, True, False, False])
+    batch["sides"] = [sides, sides, None, None]
+    return batch
+
+
+def unmix_term(sd, unmix, batch):
+    watch, term = unmix.observe(batch)
+    with watch:
+        sd.unet(torch.randn(4, 4, 16, 16), torch.full((4,), 500), encode_text(sd, batch["prompts"]))
+    return term()
+
+
+def test_unmix_term_penalises_attention_on_the_other_concepts_half_and_trains_k_v():
+    sd = tiny_model()
+    delta = attach(sd, "custom", tokens=["<new1>", "<new2>"])
+    unmix = Unmix(sd, ["<new1>", "<new2>"], weight=1.0)
+    torch.manual_seed(0)
+    term = unmix_term(sd, unmix, a_cutmix_batch())
+    assert term > 0
+    term.backward()
+    k_grads = [p.grad for name, p in sd.unet.named_parameters() if name.endswith("attn2.to_k.weight")]
+    assert k_grads and all(g is not None and g.abs().max() > 0 for g in k_grads)
+    torch.manual_seed(0)  # the same pass with the halves swapped: M changes, so does the term
+    with torch.no_grad():
+        swapped = unmix_term(sd, unmix, a_cutmix_batch(sides=("<new2>", "<new1>")))
+    assert abs(swapped.item() - term.item()) > 1e-6 * term.item()
+
+
+def test_unmix_adds_nothing_to_a_batch_without_cut_mix_samples():
+    sd = tiny_model()
+    delta = attach(sd, "custom", tokens=["<new1>", "<new2>"])
+    params = [p for group in delta.trainable() for p in group["params"]]
+    batch = a_cutmix_batch()
+    batch["cutmix"][:] = False
+    losses = [training_step(sd, batch, torch.optim.SGD(params, lr=0.0), torch.Generator().manual_seed(0),
+                            torch.float32, unmix=unmix).item()
+              for unmix in (None, Unmix(sd, ["<new1>", "<new2>"], weight=1.0))]
+    assert losses[0] == losses[1]
+    batch["cutmix"][:2] = True  # with cut-mix samples the term is added
+    with_term = training_step(sd, batch, torch.optim.SGD(params, lr=0.0), torch.Generator().manual_seed(0),
+                              torch.float32, unmix=Unmix(sd, ["<new1>", "<new2>"], weight=1.0)).item()
+    assert with_term > losses[0]
