@@ -5,11 +5,10 @@ import shutil
 import time
 from pathlib import Path
 
+import ipykernel  # noqa: F401  (the kernel nbclient starts; the dev extra installs all three)
+import nbclient
+import nbformat
 import pytest
-
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
-pytest.importorskip("ipykernel")
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
