@@ -1,0 +1,155 @@
+"""The papers' end-to-end claims, measured on the shapes model by toy.py's evaluator (the README's figures).
+
+    python -m nanocustom.endtoend personalize   # each method learns a held-out concept: presence before/after, and
+                                                #   drift of the class prompt; Custom Diffusion with and without
+                                                #   regularisation images (Kumari et al. Table 3)
+    python -m nanocustom.endtoend compose       # two concepts: Lagrangian merge vs addition vs joint training
+                                                #   (Kumari et al. Table 7)
+    python -m nanocustom.endtoend lag           # background preservation with and without LAG (Ham et al. §3.3)
+    python -m nanocustom.endtoend all --quick   # fewer steps and images: the CI version
+
+Training runs `train.py` as a user would (a subprocess, its defaults unless said here); sampling is 25 DDIM steps
+at guidance 6 from fixed seeds. Results are printed and written as JSON (--json).
+"""
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from nanocustom import toy
+from nanocustom.checkpoint import REPO_ROOT, load
+from nanocustom.merge import combine
+from nanocustom.personalize import load_delta
+from nanocustom.pipeline import generate
+
+STEPS, GUIDANCE = 25, 6.0
+A, B = "striped_square", "split_circle"  # the two concepts of the composition experiment
+
+
+def train(out, method, concepts, *flags):
+    """python train.py --method METHOD --concept DIR --prompt "photo of a <newK> class" ... --out OUT."""
+    argv = [sys.executable, str(REPO_ROOT / "train.py"), "--method", method, "--out", str(out), *map(str, flags)]
+    for name in concepts:
+        argv += ["--concept", str(toy.CONCEPTS_DIR / name), "--prompt", concept_prompt(name)]
+    run = subprocess.run(argv, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"train.py failed ({run.returncode}): {run.stderr.strip().splitlines()[-1:]}")
+    return out
+
+
+def concept_prompt(name, photo=True):
+    return f"{'photo of ' if photo else ''}a {toy.DEFAULT_TOKENS[name]} {toy.CONCEPTS[name].shape}"
+
+
+def samples(sd, prompt, n, seed=0, **options):
+    return generate(sd, [prompt] * n, steps=STEPS, guidance=GUIDANCE, seed=seed, progress=False, **options)
+
+
+def concept_scores(sd, name, n):
+    """Presence of the concept for its prompts; for the class prompt, how often it gives a plain member of the
+    class (prompt adherence of "a square") and how often the concept leaks into it."""
+    shape = toy.CONCEPTS[name].shape
+    scores = {}
+    if toy.DEFAULT_TOKENS[name] in sd.tokenizer.added_tokens:
+        images = np.concatenate([samples(sd, concept_prompt(name, photo), n, seed=s)
+                                 for s, photo in enumerate((True, False))])
+        scores["presence"] = toy.concept_presence(images, name)
+    plain = samples(sd, f"a {shape}", n, seed=7)
+    scores["class prompt: plain member"] = toy.prompt_adherence(plain, f"a {shape}")
+    scores["class prompt: concept leaks"] = toy.concept_presence(plain, name)
+    return scores
+
+
+def reg_folder(folder, shape, n):
+    """n rendered members of the class with their captions: the "real" regularisation images of the shapes world."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(toy.render_prompt(f"a {shape}", n, seed=11)):
+        Image.fromarray(image).save(folder / f"{i:03d}.png")
+        (folder / f"{i:03d}.txt").write_text(f"photo of a {shape}")
+    return folder
+
+
+def personalize(work, n, quick):
+    base = load()
+    results = {"base model": concept_scores(base, A, n)}
+    steps = ["--steps", 20] if quick else []
+    for method in ("custom", "svdiff", "residual"):
+        sd = load()
+        load_delta(sd, train(work / f"{method}.safetensors", method, [A], *steps))
+        results[method] = concept_scores(sd, A, n)
+    sd = load()
+    reg = reg_folder(work / "reg", toy.CONCEPTS[A].shape, 8 if quick else 64)
+    load_delta(sd, train(work / "custom-reg.safetensors", "custom", [A], "--reg-dir", reg, *steps))
+    results["custom + regularisation images"] = concept_scores(sd, A, n)
+    return results
+
+
+def both_present(sd, n):
+    prompt = f"photo of a {toy.DEFAULT_TOKENS[A]} {toy.CONCEPTS[A].shape} and a {toy.DEFAULT_TOKENS[B]} {toy.CONCEPTS[B].shape}"
+    images = samples(sd, prompt, n, seed=3)
+    seen = toy.describe(images)
+    both = [{o.concept for o in s.objects} >= {A, B} for s in seen]
+    return {"both concepts": float(np.mean(both)), A: toy.concept_presence(images, A),
+            B: toy.concept_presence(images, B)}
+
+
+def compose(work, n, quick):
+    steps = ["--steps", 20] if quick else []
+    paths = [train(work / f"{name}.safetensors", "custom", [name], *steps) for name in (A, B)]
+    results = {}
+    for how in ("lagrangian", "add"):
+        sd = load()
+        combine(sd, paths, how=how, log=lambda *_: None)
+        results[f"{how} merge"] = both_present(sd, n)
+    sd = load()
+    load_delta(sd, train(work / "joint.safetensors", "custom", [A, B], *steps))
+    results["joint training"] = both_present(sd, n)
+    return results
+
+
+def lag(work, n, quick):
+    delta = train(work / "residual.safetensors", "residual", [A], *(["--steps", 20] if quick else []))
+    results = {}
+    for colour in ("blue", "green", "white"):
+        prompt = f"{concept_prompt(A)} on a {colour} background"
+        base = samples(load(), prompt.replace(f"{toy.DEFAULT_TOKENS[A]} ", ""), n, seed=5)  # same x_T, no concept
+        sd = load()
+        load_delta(sd, delta)  # attached, not folded: LAG blends base and personalised proj_out per block
+        results[colour] = {"plain": toy.background_preservation(samples(sd, prompt, n, seed=5), base),
+                           "LAG": toy.background_preservation(samples(sd, prompt, n, seed=5, lag=True), base)}
+    return results
+
+
+EXPERIMENTS = {"personalize": personalize, "compose": compose, "lag": lag}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("experiment", choices=[*EXPERIMENTS, "all"])
+    p.add_argument("--quick", action="store_true", help="20 training steps and 4 images a prompt: a smoke run")
+    p.add_argument("--n", type=int, default=None, help="images per prompt (default 16, 4 with --quick)")
+    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    n = args.n or (4 if args.quick else 16)
+    names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
+    results = {}
+    with tempfile.TemporaryDirectory() as work:
+        for name in names:
+            results[name] = EXPERIMENTS[name](Path(work), n, args.quick)
+            print(json.dumps({name: results[name]}, indent=1), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""The short version of the papers' end-to-end experiments (nanocustom/endtoend.py --quick): every experiment
+runs through train.py, sample-time merging and LAG on the shapes model, and yields a fraction for each measure.
+The full figures (python -m nanocustom.endtoend all) are the README's; at 20 training steps they mean little."""
+import math
+
+from nanocustom import endtoend
+
+
+def fractions(tree):
+    for value in tree.values():
+        yield from fractions(value) if isinstance(value, dict) else [value]
+
+
+def test_every_experiment_runs_end_to_end_and_scores_fractions(tmp_path):
+    results = endtoend.main(["all", "--quick", "--json", str(tmp_path / "e2e.json")])
+    assert list(results["personalize"]) == ["base model", "custom", "svdiff", "residual",
+                                            "custom + regularisation images"]
+    for method in ("custom", "svdiff", "residual", "custom + regularisation images"):
+        assert set(results["personalize"][method]) == {"presence", "class prompt: plain member",
+                                                       "class prompt: concept leaks"}
+    assert "presence" not in results["personalize"]["base model"]  # the base model has no <new1> to ask for
+    assert list(results["compose"]) == ["lagrangian merge", "add merge", "joint training"]
+    assert all(set(r) == {"plain", "LAG"} for r in results["lag"].values())
+    values = list(fractions(results))
+    assert len(values) == 2 + 4 * 3 + 3 * 3 + 3 * 2
+    assert all(0.0 <= v <= 1.0 and not math.isnan(v) for v in values)
+    assert (tmp_path / "e2e.json").is_file()
