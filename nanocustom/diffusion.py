@@ -169,3 +169,20 @@ def invert(model_fn, x0, steps=50, prediction_type="eps", progress=True, callbac
             callback(i, t_next, x, x0_pred)
         x = diffusion.ddim_step(x0_pred, eps, t, t_next)  # Eq. 12 with sigma = 0, forward in time
     return x.to(x0.dtype)
+
+
+def slerp(alpha, z_T, noise):
+    """CoSINE's noise injection (Han et al. §3.4, Eq. 7): spherical interpolation from the inverted latents z_T
+    (alpha = 0) to fresh noise eps (alpha = 1), per sample,
+        slerp(alpha, z_T, eps) = sin((1 - alpha) phi) / sin(phi) z_T + sin(alpha phi) / sin(phi) eps,
+    phi = arccos(cos(z_T, eps)). Where phi is 0 (parallel inputs) it is the linear interpolation, its limit."""
+    if not 0.0 <= alpha <= 1.0:
+        raise NanocustomError(f"slerp alpha {alpha} is out of range; use a value in [0, 1] (0: z_T itself)")
+    a, b = z_T.flatten(1).double(), noise.flatten(1).double()
+    cos = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-30)
+    phi = torch.arccos(cos.clamp(-1.0, 1.0))[:, None]
+    small = phi < 1e-6
+    sin_phi = torch.where(small, torch.ones_like(phi), torch.sin(phi))
+    wa = torch.where(small, torch.full_like(phi, 1 - alpha), torch.sin((1 - alpha) * phi) / sin_phi)
+    wb = torch.where(small, torch.full_like(phi, alpha), torch.sin(alpha * phi) / sin_phi)
+    return (wa * a + wb * b).reshape(z_T.shape).to(z_T.dtype)

@@ -232,3 +232,23 @@ def test_unknown_sampler_and_prediction_type_are_rejected():
         sample(toy_model, randn(0), steps=2, sampler="euler", progress=False)
     with pytest.raises(NanocustomError):
         Diffusion().target(randn(0), randn(1), torch.tensor([1, 2]), "epsilon")
+
+
+def test_slerp_is_han_et_al_eq_7():
+    from nanocustom.diffusion import slerp
+    g = torch.Generator().manual_seed(0)
+    z, eps = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    torch.testing.assert_close(slerp(0.0, z, eps), z)
+    torch.testing.assert_close(slerp(1.0, z, eps), eps)
+    # orthonormal inputs: the midpoint is (z + e) / sqrt(2), and every point stays on the unit sphere
+    e1, e2 = torch.zeros(1, 2, 2, 2), torch.zeros(1, 2, 2, 2)
+    e1.view(-1)[0], e2.view(-1)[1] = 1.0, 1.0
+    torch.testing.assert_close(slerp(0.5, e1, e2), (e1 + e2) / 2**0.5)
+    for alpha in (0.1, 0.3, 0.9):
+        assert abs(slerp(alpha, e1, e2).norm().item() - 1.0) < 1e-6
+    # per sample, against Eq. 7 written out with phi from that sample alone
+    a, b = z[1].flatten().double(), eps[1].flatten().double()
+    phi = torch.arccos(a @ b / (a.norm() * b.norm()))
+    expected = (torch.sin(0.7 * phi) * a + torch.sin(0.3 * phi) * b) / torch.sin(phi)
+    torch.testing.assert_close(slerp(0.3, z, eps)[1].flatten().double(), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(slerp(0.4, z, z), z)  # parallel inputs: the linear limit, no 0 / 0
