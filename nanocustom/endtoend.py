@@ -91,7 +91,7 @@ def personalize(work, n, quick):
 
 
 def both_present(sd, n):
-    prompt = f"photo of a {toy.DEFAULT_TOKENS[A]} {toy.CONCEPTS[A].shape} and a {toy.DEFAULT_TOKENS[B]} {toy.CONCEPTS[B].shape}"
+    prompt = f"{concept_prompt(A)} and {concept_prompt(B, photo=False)}"  # photo of a <new1> square and a <new2> ...
     images = samples(sd, prompt, n, seed=3)
     seen = toy.describe(images)
     both = [{o.concept for o in s.objects} >= {A, B} for s in seen]
@@ -115,14 +115,14 @@ def compose(work, n, quick):
 
 def lag(work, n, quick):
     delta = train(work / "residual.safetensors", "residual", [A], *(["--steps", 20] if quick else []))
+    base, sd = load(), load()
+    load_delta(sd, delta)  # attached, not folded: LAG blends base and personalised proj_out per block
     results = {}
     for colour in ("blue", "green", "white"):
         prompt = f"{concept_prompt(A)} on a {colour} background"
-        base = samples(load(), prompt.replace(f"{toy.DEFAULT_TOKENS[A]} ", ""), n, seed=5)  # same x_T, no concept
-        sd = load()
-        load_delta(sd, delta)  # attached, not folded: LAG blends base and personalised proj_out per block
-        results[colour] = {"plain": toy.background_preservation(samples(sd, prompt, n, seed=5), base),
-                           "LAG": toy.background_preservation(samples(sd, prompt, n, seed=5, lag=True), base)}
+        reference = samples(base, prompt.replace(f"{toy.DEFAULT_TOKENS[A]} ", ""), n, seed=5)  # same x_T, no concept
+        results[colour] = {"plain": toy.background_preservation(samples(sd, prompt, n, seed=5), reference),
+                           "LAG": toy.background_preservation(samples(sd, prompt, n, seed=5, lag=True), reference)}
     return results
 
 

@@ -79,20 +79,24 @@ class Unmix:
     def observe(self, batch):
         """-> (context manager that watches the UNet's attn2 layers, function returning the term after the pass)."""
         ids = self.sd.tokenizer.encode(batch["prompts"])
-        terms = []
+        where = {}  # token -> (its position in each prompt, which prompts hold it), once per batch
+        for token in self.tokens:
+            at = ids == self.sd.tokenizer.token_id(token)  # [B, 77]
+            if at.any():
+                where[token] = at.float().argmax(1), at.any(1)
+        masks, terms = {}, []  # masks: (token, side) -> M flattened, one per attention resolution
 
         def observer(path, probs):  # probs [B, heads, H*W, 77], with grad
             A = probs.float().mean(1)  # (B, H*W, 77)
             side = int(math.isqrt(A.shape[1]))
-            for token in self.tokens:
-                at = ids == self.sd.tokenizer.token_id(token)  # [B, 77]: where the token sits in each prompt
-                if not at.any():
-                    continue
-                position = at.float().argmax(1).to(A.device)
-                a = A.gather(2, position.view(-1, 1, 1).expand(-1, A.shape[1], 1))[..., 0]  # (B, H*W)
-                M = unmix_mask(batch, token, side).flatten(1).to(a)
+            for token, (position, present) in where.items():
+                index = position.to(A.device).view(-1, 1, 1).expand(-1, A.shape[1], 1)
+                a = A.gather(2, index)[..., 0]  # (B, H*W): the token's attention map
+                if (token, side) not in masks:
+                    masks[token, side] = unmix_mask(batch, token, side).flatten(1).to(a)
+                M = masks[token, side]
                 err = (a - (a * M).detach()) ** 2  # Eq. 10
-                terms.append(err[at.any(1).to(a.device)].mean())
+                terms.append(err[present.to(a.device)].mean())
 
         def term():
             return self.weight * torch.stack(terms).mean() if terms else torch.zeros((), device=self.sd.device)
