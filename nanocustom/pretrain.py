@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from nanocustom import toy
-from nanocustom.checkpoint import DEFAULT_CHECKPOINT, StableDiffusion, new_model, save
+from nanocustom.checkpoint import DEFAULT_CHECKPOINT, StableDiffusion, load, new_model, save
 from nanocustom.clip import CLIPTextConfig
 from nanocustom.diffusion import Diffusion
 from nanocustom.unet import UNetConfig
@@ -111,14 +111,14 @@ def encode_scenes(sd, n, seed, log, chunk=256):
 
 
 def train_diffusion(sd, steps, batch, lr, seed, log, ema_decay=0.999, samples=None, offset_noise=OFFSET_NOISE,
-                    scenes=24_000, warmup=200):
+                    scenes=24_000):
     """Stage 2: eps-prediction on scaled latents; the UNet and text encoder learn together. Returns EMA weights.
 
     offset_noise adds one random constant per latent channel to the noise, offset_noise * N(0, 1) (Guttenberg
     2023, "Diffusion with offset noise"). Why: SD's schedule ends at abar_T = 0.0047 (Lin et al. 2024, §3.1), so
     x_T still carries sqrt(abar_T) = 0.068 of the image's mean, while the mean of 16x16 noise has a std of only
     1/16: the background colour can be read off the noise at every step, and the model never learns it from the
-    caption. Without the offset the shipped model drew the same background for "on a blue background" and "on a
+    caption. Without the offset the session-2 model drew the same background for "on a blue background" and "on a
     yellow background" from the same seed (measured); with it the caption decides. Sampling is unchanged."""
     diffusion = Diffusion()
     scene_list, means, stds = encode_scenes(sd, scenes, seed, log)
@@ -134,8 +134,8 @@ def train_diffusion(sd, steps, batch, lr, seed, log, ema_decay=0.999, samples=No
         index, order = order[:batch], order[batch:]
         drop = torch.rand(batch, generator=generator) < P_UNCOND
         captions = ["" if d else toy.random_caption(scene_list[i], caption_rng) for i, d in zip(index, drop.tolist())]
-        z = torch.randn(means[index].shape, generator=generator).to(sd.device)
-        x0 = (means[index] + stds[index] * z) * sd.latent_scale  # a sample of q(z | x)
+        mean, std = means[index], stds[index]
+        x0 = (mean + std * torch.randn(mean.shape, generator=generator).to(sd.device)) * sd.latent_scale  # q(z | x)
         noise = torch.randn(x0.shape, generator=generator)
         noise = (noise + offset_noise * torch.randn(batch, x0.shape[1], 1, 1, generator=generator)).to(sd.device)
         t = torch.randint(0, diffusion.T, (batch,), generator=generator).to(sd.device)
@@ -145,7 +145,7 @@ def train_diffusion(sd, steps, batch, lr, seed, log, ema_decay=0.999, samples=No
         loss.backward()
         torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
         for group in opt.param_groups:  # linear warm-up, then cosine decay
-            group["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * step / steps))
+            group["lr"] = lr * min(1.0, (step + 1) / 200) * 0.5 * (1 + np.cos(np.pi * step / steps))
         opt.step()
         decay = min(ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
@@ -172,10 +172,8 @@ def pretrain(out=DEFAULT_CHECKPOINT, vae_steps=2000, unet_steps=3000, vae_batch=
 
     sd = new_model(unet_config or UNET_CONFIG, vae_config or VAE_CONFIG, TEXT_CONFIG, resolution=toy.RES).to(device)
     if vae_from:  # stage 1 done before: take its autoencoder and latent scale
-        from nanocustom.checkpoint import load
         trained = load(vae_from, device=device)
         sd.vae, sd.latent_scale = trained.vae.eval().requires_grad_(False), trained.latent_scale
-        vae_steps = f"from {Path(vae_from).name}"
     else:
         sd.vae = train_vae(sd.vae.train(), vae_steps, vae_batch, vae_lr, seed, log, mse_weight)
         sd.latent_scale = measure_latent_scale(sd.vae, seed)
@@ -192,8 +190,8 @@ def pretrain(out=DEFAULT_CHECKPOINT, vae_steps=2000, unet_steps=3000, vae_batch=
     save(sd.to("cpu"), out, dtype=torch.float16, recipe=dict(vae_steps=vae_steps, unet_steps=unet_steps,
                                                              vae_batch=vae_batch, batch=batch, vae_lr=vae_lr, lr=lr,
                                                              mse_weight=mse_weight, offset_noise=OFFSET_NOISE,
-                                                             scenes=scenes,
-                                                             seed=seed, device=str(device)))
+                                                             scenes=scenes, seed=seed, device=str(device),
+                                                             vae_from=vae_from and Path(vae_from).name))
     log(f"wrote {out}")
 
 
@@ -248,7 +246,6 @@ def main(argv=None):
     p.add_argument("--evaluate", action="store_true", help="score the model at --out instead of training it")
     args = p.parse_args(argv)
     if args.evaluate:
-        from nanocustom.checkpoint import load
         torch.set_num_threads(args.threads or torch.get_num_threads())
         return evaluate(load(args.out, device=args.device), seed=args.seed)
     pretrain(args.out, args.vae_steps, args.unet_steps, batch=args.batch, lr=args.lr, seed=args.seed,
