@@ -11,7 +11,7 @@ Two stages, as Latent Diffusion trains (Rombach et al. 2022, §3):
 The latent scale is set, as SD's 0.18215 was, to make the latents about unit variance (§4.3.2).
 
     python -m nanocustom.pretrain --device cuda         # weights/shapes.safetensors: 7 minutes on an H100
-    OMP_WAIT_POLICY=PASSIVE python -m nanocustom.pretrain --threads 2   # the same recipe, about 75 min on 2 cores
+    OMP_WAIT_POLICY=PASSIVE python -m nanocustom.pretrain --threads 2   # the same recipe, about 69 min on 2 cores
     python -m nanocustom.pretrain --unet-steps 200 --out /tmp/quick.safetensors   # a quick look
     python -m nanocustom.pretrain --evaluate            # the quality figures of the README, by toy.py's evaluator
 """
@@ -96,8 +96,9 @@ def save_samples(sd, folder, name, log):
 @torch.no_grad()
 def encode_scenes(sd, n, seed, log, chunk=256):
     """Stage 2's training set: n random scenes, rendered and encoded once. The VAE is frozen by now and its
-    encoder at 64x64 costs a third of a CPU training step, so each scene is encoded once and seen ~5 times,
-    each time under a freshly drawn caption (toy.random_caption). Returns (scenes, posterior means, stds)."""
+    encoder at 64x64 costs a third of a CPU training step, so each scene is encoded once and seen ~4 times
+    (3,000 steps x 32 / 24,000), each time under a freshly drawn caption (toy.random_caption).
+    Returns (scenes, posterior means, stds)."""
     rng = np.random.default_rng([seed, 5])
     scenes = [toy.random_scene(rng) for _ in range(n)]
     means, stds = [], []
