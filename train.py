@@ -22,7 +22,6 @@ from tqdm.auto import tqdm
 
 from nanocustom.checkpoint import atomic_write, load
 from nanocustom.data import CUTMIX_PROB, Concept, ConceptBatches, generate_regularization
-from nanocustom.diffusion import Diffusion
 from nanocustom.errors import NanocustomError
 from nanocustom.personalize import attach, save_delta
 from nanocustom.pipeline import generate, image_grid
@@ -154,7 +153,7 @@ def main(argv=None):
         print(f"resuming at step {start}")
 
     metadata = {"training": {k: v for k, v in vars(args).items() if k != "resume"}}
-    diffusion, last_good = Diffusion(), delta.state_dict()
+    diffusion, last_good = sd.diffusion, delta.state_dict()
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps)
     try:
         for step in bar:

@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from nanocustom.clip import CLIPTextConfig, CLIPTextModel, Tokenizer
+from nanocustom.diffusion import Diffusion
 from nanocustom.errors import NanocustomError
 from nanocustom.unet import UNet, UNetConfig
 from nanocustom.vae import AutoencoderKL, VAEConfig
@@ -53,6 +54,7 @@ class StableDiffusion:
     latent_scale: float = SD_V1_LATENT_SCALE
     resolution: int = SD_V1_RESOLUTION  # native image size in pixels
     prediction_type: str = "eps"
+    schedule: dict = field(default_factory=dict)  # Diffusion's settings where they differ from SD v1's
     name: str = ""
     fingerprint: str = ""  # identifies the base weights, so deltas refuse a base they were not made for
     metadata: dict = field(default_factory=dict)
@@ -60,6 +62,11 @@ class StableDiffusion:
     @property
     def device(self):
         return next(self.unet.parameters()).device
+
+    @property
+    def diffusion(self):
+        """The noise schedule this model was trained with: SD v1's unless `schedule` says otherwise."""
+        return Diffusion(**self.schedule)
 
     @property
     def dtype(self):
@@ -202,7 +209,7 @@ def load(path_or_repo=None, device="cpu", dtype=torch.float32):
     return StableDiffusion(tokenizer, text_encoder, unet, vae,
                            latent_scale=info.get("latent_scale", SD_V1_LATENT_SCALE),
                            resolution=info.get("resolution", SD_V1_RESOLUTION),
-                           prediction_type=info.get("prediction_type", "eps"),
+                           prediction_type=info.get("prediction_type", "eps"), schedule=info.get("schedule", {}),
                            name=path.name, fingerprint=info.get("fingerprint") or fingerprint(state_dict),
                            metadata=info)
 
@@ -248,6 +255,6 @@ def save(sd, path, dtype=None, **extra):
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
     info = {"unet": asdict(sd.unet.config), "vae": asdict(sd.vae.config),
             "text_encoder": asdict(sd.text_encoder.config), "latent_scale": sd.latent_scale,
-            "resolution": sd.resolution, "prediction_type": sd.prediction_type,
+            "resolution": sd.resolution, "prediction_type": sd.prediction_type, "schedule": sd.schedule,
             "added_tokens": sd.tokenizer.added_tokens if hasattr(sd.tokenizer, "added_tokens") else [], **extra}
     save_atomic(tensors, path, metadata={"nanocustom": json.dumps(info)})

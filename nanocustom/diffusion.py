@@ -20,6 +20,7 @@ from nanocustom.errors import NanocustomError
 
 PREDICTION_TYPES = ("eps", "x0", "v")  # diffusers: "epsilon", "sample", "v_prediction"
 SAMPLERS = ("ddim", "ddpm")
+SPACINGS = ("leading", "trailing")
 
 
 def guided(eps_cond, eps_uncond, scale):
@@ -33,13 +34,27 @@ def check(name, value, allowed):
 
 
 class Diffusion:
-    """SD v1's noise schedule, its three parameterizations, and one step of each sampler."""
+    """SD v1's noise schedule, its three parameterizations, and one step of each sampler.
 
-    def __init__(self, num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012):
-        self.T = num_train_timesteps
+    SD v1 uses the defaults. zero_terminal_snr and spacing="trailing" are the two fixes of Lin et al. 2024
+    ("Common Diffusion Noise Schedules and Sample Steps are Flawed", §3.1-3.3), which the shapes model trains
+    with (see pretrain.py): SD v1's schedule ends at abar_T = 0.0047, not 0, so x_T still holds a little of the
+    image, and "leading" sampling never starts at T itself. Zero terminal SNR needs v-prediction (§3.2): at T
+    eps-prediction says nothing about x0."""
+
+    def __init__(self, num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, zero_terminal_snr=False,
+                 spacing="leading"):
+        check("timestep spacing", spacing, SPACINGS)
+        self.T, self.spacing, self.zero_terminal_snr = num_train_timesteps, spacing, zero_terminal_snr
         # "scaled linear": linear in sqrt(beta), squared
         self.betas = torch.linspace(beta_start**0.5, beta_end**0.5, self.T, dtype=torch.float64) ** 2
+        if zero_terminal_snr:
+            self.betas = rescaled_to_zero_terminal_snr(self.betas)
         self.alphas_cumprod = torch.cumprod(1 - self.betas, dim=0)  # abar_t = prod_s (1 - beta_s), DDPM §2
+
+    def config(self):
+        """What differs from SD v1's schedule, as a checkpoint's metadata stores it: Diffusion(**config())."""
+        return {"zero_terminal_snr": self.zero_terminal_snr, "spacing": self.spacing}
 
     def sqrt_abar(self, t, like):
         """sqrt(abar_t), sqrt(1 - abar_t): computed in float64, returned in float32 shaped to broadcast
@@ -49,10 +64,14 @@ class Diffusion:
         return [c.to(like.device, torch.float32).view(shape) for c in (a.sqrt(), (1 - a).sqrt())]
 
     def timesteps(self, steps):
-        """The inference timesteps, descending: diffusers' "leading" spacing plus steps_offset=1.
-        50 steps -> 981, 961, ..., 21, 1; a step jumps T // steps."""
+        """The inference timesteps, descending. "leading" is diffusers' spacing plus steps_offset=1, as SD v1
+        samples: 50 steps -> 981, 961, ..., 21, 1. "trailing" counts down from T itself (Lin et al. §3.3, Table 2):
+        50 steps -> 999, 979, ..., 39, 19. Either way a step goes from t to t - T // steps, as diffusers' DDIM
+        steps (for trailing spacing and a step count that does not divide T, the list's gaps are 1 longer)."""
         if not 0 < steps < self.T:
             raise NanocustomError(f"steps={steps} is out of range; use 1 to {self.T - 1}")
+        if self.spacing == "trailing":
+            return torch.round(self.T - torch.arange(steps, dtype=torch.float64) * (self.T / steps)).long() - 1
         return torch.arange(steps - 1, -1, -1) * (self.T // steps) + 1
 
     # --- training ---
@@ -123,6 +142,17 @@ class Diffusion:
         return x_prev
 
 
+def rescaled_to_zero_terminal_snr(betas):
+    """Lin et al. 2024, Algorithm 1: shift and scale sqrt(abar_t) so that it ends at exactly 0 (SNR(T) = 0) and
+    keeps its first value, then read the betas back off the new abar_t."""
+    sqrt_abar = torch.cumprod(1 - betas, dim=0).sqrt()
+    first, last = sqrt_abar[0].clone(), sqrt_abar[-1].clone()
+    sqrt_abar = (sqrt_abar - last) * first / (first - last)
+    abar = sqrt_abar**2
+    alphas = torch.cat([abar[:1], abar[1:] / abar[:-1]])
+    return 1 - alphas
+
+
 def as_timestep(t, x):
     return torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
 
@@ -138,16 +168,16 @@ def sample(model_fn, x_T, steps=50, sampler="ddim", eta=0.0, generator=None, pre
     check("sampler", sampler, SAMPLERS)
     diffusion = diffusion or Diffusion()
     x = x_T.float()
-    for i, t in enumerate(tqdm(diffusion.timesteps(steps).tolist(), disable=not progress)):
+    timesteps = diffusion.timesteps(steps).tolist()
+    for i, t in enumerate(tqdm(timesteps, disable=not progress)):
         out = model_fn(x.to(x_T.dtype), as_timestep(t, x))
         x0, eps = diffusion.split(out, x, t, prediction_type)
         if callback is not None:
             callback(i, t, x, x0)
-        t_prev = t - diffusion.T // steps  # < 0 on the last step
-        if sampler == "ddim":
-            x = diffusion.ddim_step(x0, eps, t, t_prev, eta, generator=generator)
-        else:
-            x = diffusion.ddpm_step(x, x0, t, t_prev, generator=generator)
+        if sampler == "ddim":  # as diffusers' DDIMScheduler, to t - T // steps (< 0 on the last step)
+            x = diffusion.ddim_step(x0, eps, t, t - diffusion.T // steps, eta, generator=generator)
+        else:  # as its DDPMScheduler, to the next timestep of the list; the same unless trailing spacing is uneven
+            x = diffusion.ddpm_step(x, x0, t, timesteps[i + 1] if i + 1 < steps else -1, generator=generator)
     return x.to(x_T.dtype)
 
 

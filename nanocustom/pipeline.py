@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from nanocustom.attention import LAG, observing
-from nanocustom.diffusion import Diffusion, guided, sample
+from nanocustom.diffusion import guided, sample
 from nanocustom.errors import NanocustomError
 
 
@@ -84,7 +84,7 @@ def generate(sd, prompts, negative_prompt="", steps=50, sampler="ddim", eta=0.0,
         lag_applied = lag.applied(latents.shape[-1] / latents.shape[-2], use_guidance)
     with observing(sd.unet, *observers), lag_applied:
         x0 = sample(model_fn, latents, steps=steps, sampler=sampler, eta=eta, generator=generator,
-                    prediction_type=sd.prediction_type, diffusion=Diffusion(), progress=progress, callback=callback)
+                    prediction_type=sd.prediction_type, diffusion=sd.diffusion, progress=progress, callback=callback)
     return to_uint8(latents_to_images(sd, x0))
 
 

@@ -21,14 +21,13 @@ import torch
 
 from nanocustom.attention import observing
 from nanocustom.data import unmix_mask
-from nanocustom.diffusion import Diffusion
 from nanocustom.pipeline import images_to_latents
 
 
-def masked_loss(eps, noise, masks, is_reg, prior_weight):
+def masked_loss(prediction, target, masks, is_reg, prior_weight):
     """Per-sample MSE over the valid latent region; targets' mean + lambda * regularisation samples' mean."""
-    masks = masks.to(eps.dtype).expand_as(eps)
-    per_sample = ((eps.float() - noise.float()) ** 2 * masks).sum((1, 2, 3)) / masks.sum((1, 2, 3)).clamp(min=1)
+    masks = masks.to(prediction.dtype).expand_as(prediction)
+    per_sample = ((prediction.float() - target.float()) ** 2 * masks).sum((1, 2, 3)) / masks.sum((1, 2, 3)).clamp(min=1)
     loss = per_sample[~is_reg].mean()
     if is_reg.any():
         loss = loss + prior_weight * per_sample[is_reg].mean()
@@ -112,7 +111,7 @@ def training_step(sd, batch, opt, generator, dtype, prior_weight=1.0, cache=None
     """One step on `batch` (ConceptBatches.next_batch) -> the loss. `dtype`: the frozen weights' dtype, autocast's
     when not float32; `unmix`: an Unmix, applied when the batch holds cut-mix samples. A non-finite loss is
     returned before backward, no step taken, so that the caller can keep the last good delta."""
-    diffusion = diffusion or Diffusion()
+    diffusion = diffusion or sd.diffusion
     if cache is None:
         with torch.no_grad():
             x0 = images_to_latents(sd, batch["images"], generator=generator)
@@ -123,8 +122,9 @@ def training_step(sd, batch, opt, generator, dtype, prior_weight=1.0, cache=None
     watch, unmix_term = unmix.observe(batch) if unmix and batch["cutmix"].any() else (nullcontext(), None)
     with torch.autocast(sd.device.type, dtype=dtype, enabled=dtype != torch.float32), watch:
         context = encode_text(sd, batch["prompts"]) if cache is None else cache.text_features(batch["prompts"])
-        eps = sd.unet(diffusion.add_noise(x0, noise, t), t, context)
-    loss = masked_loss(eps, noise, batch["masks"].to(sd.device), batch["is_reg"].to(sd.device), prior_weight)
+        prediction = sd.unet(diffusion.add_noise(x0, noise, t), t, context)
+    target = diffusion.target(x0, noise, t, sd.prediction_type)  # noise itself for SD v1's eps-prediction
+    loss = masked_loss(prediction, target, batch["masks"].to(sd.device), batch["is_reg"].to(sd.device), prior_weight)
     if unmix_term is not None:
         loss = loss + unmix_term()
     if not torch.isfinite(loss):

@@ -22,7 +22,8 @@ TINY = dict(unet=UNetConfig(model_channels=32, channel_mult=(1, 2), attention_re
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     torch.manual_seed(0)
-    sd = new_model(**TINY, resolution=32, latent_scale=0.5)
+    sd = new_model(**TINY, resolution=32, latent_scale=0.5, prediction_type="v",
+                   schedule=dict(zero_terminal_snr=True, spacing="trailing"))
     path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
     save(sd, path)
     return sd, path
@@ -40,7 +41,8 @@ def outputs(sd):
 def test_saved_model_loads_with_its_configs_and_gives_the_same_outputs(tiny):
     sd, path = tiny
     loaded = load(path)
-    assert (loaded.resolution, loaded.latent_scale) == (32, 0.5)
+    assert (loaded.resolution, loaded.latent_scale, loaded.prediction_type) == (32, 0.5, "v")
+    assert loaded.diffusion.alphas_cumprod[-1] == 0 and loaded.diffusion.timesteps(50)[0] == 999  # its schedule
     for a, b in zip(outputs(sd), outputs(loaded)):  # equal weights; kernels may sum in another order
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 

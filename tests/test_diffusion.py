@@ -23,6 +23,15 @@ def ddpm(prediction_type="eps"):
     return DDPMScheduler(**SD_V1, prediction_type=DIFFUSERS_NAME[prediction_type])
 
 
+# The shapes model's schedule (pretrain.py): Lin et al. 2024's zero terminal SNR and trailing spacing, v-prediction
+ZERO_SNR = dict(zero_terminal_snr=True, spacing="trailing")
+ZERO_SNR_DIFFUSERS = dict(SD_V1, timestep_spacing="trailing", steps_offset=0, rescale_betas_zero_snr=True)
+
+
+def ddim_zero_snr():
+    return DDIMScheduler(**ZERO_SNR_DIFFUSERS, set_alpha_to_one=False, prediction_type="v_prediction")
+
+
 def ddim_inverse(prediction_type="eps"):
     return DDIMInverseScheduler(**SD_V1, set_alpha_to_one=False, prediction_type=DIFFUSERS_NAME[prediction_type])
 
@@ -71,6 +80,42 @@ def test_schedule_equals_diffusers_alphas_cumprod():
     theirs = ddim().alphas_cumprod.double()  # theirs is computed in float32, ours in float64 as CompVis
     assert ((ours - theirs) / ours).abs().max().item() < 2e-6
     assert ours.dtype == torch.float64
+
+
+def test_zero_terminal_snr_schedule_equals_diffusers_rescaled_betas():
+    ours = Diffusion(**ZERO_SNR).alphas_cumprod
+    theirs = ddim_zero_snr().alphas_cumprod.double()
+    assert ours[-1].item() == 0.0  # SNR(T) = 0: x_T is pure noise
+    assert ours[0].item() == pytest.approx(Diffusion().alphas_cumprod[0].item(), rel=1e-12)  # the first step kept
+    assert (ours - theirs).abs().max().item() < 2e-6
+
+
+@pytest.mark.parametrize("steps", [1, 7, 20, 30, 50, 999])
+def test_trailing_timesteps_equal_diffusers_and_start_at_T(steps):
+    ours = Diffusion(**ZERO_SNR).timesteps(steps)
+    scheduler = ddim_zero_snr()
+    scheduler.set_timesteps(steps)
+    assert ours.tolist() == scheduler.timesteps.tolist()
+    assert ours[0].item() == 999
+
+
+@pytest.mark.parametrize("steps", [50, 30])
+def test_zero_snr_v_prediction_ddim_step_equals_diffusers_at_every_timestep(steps):
+    d, ref = Diffusion(**ZERO_SNR), ddim_zero_snr()
+    ref.set_timesteps(steps)
+    for i, t in enumerate(ref.timesteps.tolist()):
+        x, out = randn(2 * i), randn(2 * i + 1)
+        theirs = ref.step(out, t, x, eta=0.0)
+        x0, eps = d.split(out, x, t, "v")
+        assert torch.isfinite(x0).all() and torch.isfinite(eps).all()  # at t = T too, where sqrt(abar) = 0
+        assert_step_close(d.ddim_step(x0, eps, t, t - 1000 // steps), theirs.prev_sample)
+        assert_x0_close(x0, theirs.pred_original_sample)
+
+
+def test_zero_snr_sample_equals_diffusers_loop():
+    x_T = randn(0)
+    ours = sample(toy_model, x_T, steps=20, prediction_type="v", progress=False, diffusion=Diffusion(**ZERO_SNR))
+    assert_loop_close(ours, diffusers_loop(ddim_zero_snr(), 20, x_T, eta=0.0))
 
 
 def test_add_noise_equals_diffusers():

@@ -5,6 +5,8 @@ functions (tests/test_parity_models.py, whose helpers we reuse), assembled into 
 scheduler settings. Both draw x_T and then each step's fresh noise from one `torch.Generator().manual_seed(seed)`,
 so DDPM and DDIM with eta > 0 are compared as well as deterministic DDIM.
 """
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -35,6 +37,9 @@ PROMPTS = ["a red circle on a blue background", "two small green squares"]
 # v1-inference.yaml's schedule, as StableDiffusionPipeline configures DDIM for SD v1.5
 SD_V1_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                        clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+# the shapes model's: Lin et al. 2024's zero terminal SNR and trailing spacing, with v-prediction (pretrain.py)
+ZERO_SNR_SCHEDULER = dict(SD_V1_SCHEDULER, rescale_betas_zero_snr=True, timestep_spacing="trailing", steps_offset=0,
+                          prediction_type="v_prediction")
 IMAGE_ATOL = 1e-4  # images in [0, 1], float32
 
 
@@ -83,10 +88,10 @@ def run_ours(sd, monkeypatch, **kwargs):
     return caught["latents"], (caught["images"].clamp(-1, 1) + 1) / 2, uint8
 
 
-def run_diffusers(pipe, sampler, seed, latents, **kwargs):
+def run_diffusers(pipe, sampler, seed, latents, scheduler_config=SD_V1_SCHEDULER, **kwargs):
     """pipe(...) -> (final latents, float images in [0, 1], uint8 images as diffusers' output_type="pil" rounds them)."""
     scheduler_class = DDIMScheduler if sampler == "ddim" else DDPMScheduler
-    pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)  # how diffusers' docs swap samplers
+    pipe.scheduler = scheduler_class.from_config(scheduler_config)  # how diffusers' docs swap samplers
     caught = {}
 
     def on_step_end(pipe, i, t, tensors):
@@ -100,19 +105,25 @@ def run_diffusers(pipe, sampler, seed, latents, **kwargs):
     return caught["latents"], images, uint8
 
 
-CASES = {  # name: (sampler, eta, guidance, negative prompt, steps, start from given latents)
-    "ddim_eta0_cfg_negative_prompt": ("ddim", 0.0, 7.5, "blurry, low quality", 10, False),
-    "ddim_eta0.5": ("ddim", 0.5, 7.5, "", 7, False),  # 7 steps: 1000 // 7 leaves a remainder
-    "ddpm": ("ddpm", 0.0, 7.5, "", 8, False),
-    "ddim_no_cfg_at_guidance_1": ("ddim", 0.0, 1.0, "", 5, False),
-    "ddpm_from_given_latents": ("ddpm", 0.0, 3.0, "", 6, True),  # step noise still comes from the seed
+CASES = {  # name: (sampler, eta, guidance, negative prompt, steps, start from given latents, schedule)
+    "ddim_eta0_cfg_negative_prompt": ("ddim", 0.0, 7.5, "blurry, low quality", 10, False, "sd_v1"),
+    "ddim_eta0.5": ("ddim", 0.5, 7.5, "", 7, False, "sd_v1"),  # 7 steps: 1000 // 7 leaves a remainder
+    "ddpm": ("ddpm", 0.0, 7.5, "", 8, False, "sd_v1"),
+    "ddim_no_cfg_at_guidance_1": ("ddim", 0.0, 1.0, "", 5, False, "sd_v1"),
+    "ddpm_from_given_latents": ("ddpm", 0.0, 3.0, "", 6, True, "sd_v1"),  # step noise still comes from the seed
+    "ddim_zero_snr_v_prediction": ("ddim", 0.0, 7.5, "", 7, False, "zero_snr"),  # the shapes model's settings
+    "ddpm_zero_snr_v_prediction": ("ddpm", 0.0, 7.5, "", 6, False, "zero_snr"),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_generate_equals_diffusers_stable_diffusion_pipeline(models, monkeypatch, case):
     ours, pipe = models
-    sampler, eta, guidance, negative_prompt, steps, given_latents = CASES[case]
+    sampler, eta, guidance, negative_prompt, steps, given_latents, schedule = CASES[case]
+    scheduler_config = SD_V1_SCHEDULER
+    if schedule == "zero_snr":
+        ours = dataclasses.replace(ours, prediction_type="v", schedule=dict(zero_terminal_snr=True, spacing="trailing"))
+        scheduler_config = ZERO_SNR_SCHEDULER
     seed = 1234
     latents = None
     if given_latents:
@@ -122,7 +133,7 @@ def test_generate_equals_diffusers_stable_diffusion_pipeline(models, monkeypatch
                                 eta=eta, guidance=guidance, seed=seed, latents=latents)
     with torch.no_grad():
         ref_z, ref_images, ref_uint8 = run_diffusers(
-            pipe, sampler, seed, latents, negative_prompt=[negative_prompt] * len(PROMPTS), num_inference_steps=steps,
+            pipe, sampler, seed, latents, scheduler_config, negative_prompt=[negative_prompt] * len(PROMPTS), num_inference_steps=steps,
             eta=eta, guidance_scale=guidance)
 
     latent_err = ((z - ref_z).abs().max() / ref_z.abs().max()).item()

@@ -104,3 +104,36 @@ def test_unmix_adds_nothing_to_a_batch_without_cut_mix_samples():
     with_term = training_step(sd, batch, torch.optim.SGD(params, lr=0.0), torch.Generator().manual_seed(0),
                               torch.float32, unmix=Unmix(sd, ["<new1>", "<new2>"], weight=1.0)).item()
     assert with_term > losses[0]
+
+
+class Oracle(torch.nn.Module):
+    """A stand-in UNet that knows the clean latents x0, and so outputs the exact eps or v for any x_t."""
+
+    def __init__(self, x0, diffusion, prediction_type):
+        super().__init__()
+        self.x0, self.diffusion, self.prediction_type = x0, diffusion, prediction_type
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # something for the optimizer to hold
+
+    def forward(self, x_t, t, context):
+        sa, s1a = self.diffusion.sqrt_abar(t, x_t)
+        noise = (x_t - sa * self.x0) / s1a
+        return self.diffusion.target(self.x0, noise, t, self.prediction_type) + 0 * self.anchor
+
+
+def test_training_step_learns_the_models_prediction_type(monkeypatch):
+    """The shapes model predicts v under a zero-terminal-SNR schedule, SD v1 predicts eps: the loss is zero only
+    for the oracle of the model's own prediction type."""
+    import nanocustom.training
+    x0 = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+    monkeypatch.setattr(nanocustom.training, "images_to_latents", lambda sd, images, generator=None: x0)
+    losses = {}
+    for model_type, schedule in (("eps", {}), ("v", dict(zero_terminal_snr=True, spacing="trailing"))):
+        sd = tiny_model()
+        sd.prediction_type, sd.schedule = model_type, schedule
+        for oracle_type in ("eps", "v"):
+            sd.unet = Oracle(x0, sd.diffusion, oracle_type)
+            opt = torch.optim.SGD(sd.unet.parameters(), lr=0.0)
+            g = torch.Generator().manual_seed(0)
+            losses[model_type, oracle_type] = training_step(sd, a_batch(), opt, g, torch.float32).item()
+    assert losses["eps", "eps"] < 1e-8 and losses["v", "v"] < 1e-8
+    assert losses["eps", "v"] > 0.1 and losses["v", "eps"] > 0.1
