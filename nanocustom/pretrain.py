@@ -14,6 +14,8 @@ The latent scale is set, as SD's 0.18215 was, to make the latents about unit var
     OMP_WAIT_POLICY=PASSIVE python -m nanocustom.pretrain --threads 2   # the same recipe, about 69 min on 2 cores
     python -m nanocustom.pretrain --unet-steps 200 --out /tmp/quick.safetensors   # a quick look
     python -m nanocustom.pretrain --evaluate            # the quality figures of the README, by toy.py's evaluator
+    python -m nanocustom.pretrain --vae-from weights/shapes.safetensors --zero-snr --scenes 0 --out /tmp/z.safetensors
+                                          # stage 2 alone, the next experiment (README, "Where the errors are")
 """
 import argparse
 import copy
@@ -42,6 +44,8 @@ UNET_CONFIG = UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_bloc
 TEXT_CONFIG = CLIPTextConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4)
 P_UNCOND = 0.1  # fraction of captions replaced by "" (classifier-free guidance)
 OFFSET_NOISE = 0.2  # see train_diffusion
+ZERO_SNR = dict(zero_terminal_snr=True, spacing="trailing")  # --zero-snr, an experiment; see train_diffusion
+SCENES = 24_000  # stage 2's training set, encoded once (0: a fresh render every step)
 
 
 def to_model_images(images):
@@ -111,37 +115,61 @@ def encode_scenes(sd, n, seed, log, chunk=256):
     return scenes, torch.cat(means), torch.cat(stds)
 
 
-def train_diffusion(sd, steps, batch, lr, seed, log, ema_decay=0.999, samples=None, offset_noise=OFFSET_NOISE,
-                    scenes=24_000):
-    """Stage 2: eps-prediction on scaled latents; the UNet and text encoder learn together. Returns EMA weights.
-
-    offset_noise adds one random constant per latent channel to the noise, offset_noise * N(0, 1) (Guttenberg
-    2023, "Diffusion with offset noise"). Why: SD's schedule ends at abar_T = 0.0047 (Lin et al. 2024, §3.1), so
-    x_T still carries sqrt(abar_T) = 0.068 of the image's mean, while the mean of 16x16 noise has a std of only
-    1/16: the background colour can be read off the noise at every step, and the model never learns it from the
-    caption. Without the offset the session-2 model drew the same background for "on a blue background" and "on a
-    yellow background" from the same seed (measured); with it the caption decides. Sampling is unchanged."""
-    diffusion = Diffusion()
+def scene_batches(sd, batch, steps, seed, scenes, generator, log):
+    """(posterior means, stds, scenes) of each step's batch: from `scenes` scenes encoded once and reshuffled
+    each epoch, or, with scenes=0, from a fresh render every step (the VAE encoder then costs a third more per
+    CPU step)."""
+    if not scenes:
+        for step in range(steps):
+            rng = np.random.default_rng([seed, 2, step])
+            scene_list = [toy.random_scene(rng) for _ in range(batch)]
+            with torch.no_grad():
+                mean, logvar = sd.vae.encode(to_model_images(np.stack([toy.render(s) for s in scene_list])).to(sd.device))
+            yield mean, torch.exp(0.5 * logvar), scene_list
+        return
     scene_list, means, stds = encode_scenes(sd, scenes, seed, log)
-    caption_rng = np.random.default_rng([seed, 2])
-    modules = torch.nn.ModuleDict({"unet": sd.unet, "text_encoder": sd.text_encoder}).train().requires_grad_(True)
-    ema = copy.deepcopy(modules).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(modules.parameters(), lr=lr, weight_decay=0.01)
-    generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(scenes, generator=generator)
     for step in range(steps):
         if len(order) < batch:  # a new epoch: a new order
             order = torch.randperm(scenes, generator=generator)
         index, order = order[:batch], order[batch:]
+        yield means[index], stds[index], [scene_list[i] for i in index]
+
+
+def train_diffusion(sd, steps, batch, lr, seed, log, ema_decay=0.999, samples=None, scenes=SCENES, zero_snr=False):
+    """Stage 2: eps-prediction on scaled latents; the UNet and text encoder learn together. Returns EMA weights.
+
+    Offset noise: one random constant per latent channel is added to the noise, OFFSET_NOISE * N(0, 1)
+    (Guttenberg 2023, "Diffusion with offset noise"). Why: SD's schedule ends at abar_T = 0.0047 (Lin et al. 2024,
+    §3.1), so x_T still carries sqrt(abar_T) = 0.068 of the image's mean, while the mean of 16x16 noise has a std
+    of only 1/16: the background colour can be read off the noise at every step, and the model never learns it
+    from the caption. Without the offset the session-2 model drew the same background for "on a blue background"
+    and "on a yellow background" from the same seed (measured); with it the caption decides. Sampling is unchanged.
+
+    zero_snr=True (an experiment, not the shipped recipe) removes the leak itself instead: the schedule rescaled
+    to SNR(T) = 0, v-prediction (eps says nothing about x0 at T) and sampling from T ("trailing" spacing), Lin et
+    al. §3.1-3.3; no offset noise. It fixed every background and lost the shapes (README, "Where the errors
+    are")."""
+    diffusion = Diffusion(**ZERO_SNR) if zero_snr else Diffusion()
+    prediction_type, offset_noise = ("v", 0.0) if zero_snr else ("eps", OFFSET_NOISE)
+    sd.prediction_type, sd.schedule = prediction_type, ZERO_SNR if zero_snr else {}
+    caption_rng = np.random.default_rng([seed, 2])
+    modules = torch.nn.ModuleDict({"unet": sd.unet, "text_encoder": sd.text_encoder}).train().requires_grad_(True)
+    ema = copy.deepcopy(modules).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(modules.parameters(), lr=lr, weight_decay=0.01)
+    generator = torch.Generator().manual_seed(seed)
+    for step, (mean, std, scene_list) in enumerate(scene_batches(sd, batch, steps, seed, scenes, generator, log)):
         drop = torch.rand(batch, generator=generator) < P_UNCOND
-        captions = ["" if d else toy.random_caption(scene_list[i], caption_rng) for i, d in zip(index, drop.tolist())]
-        mean, std = means[index], stds[index]
+        captions = ["" if d else toy.random_caption(scene, caption_rng) for scene, d in zip(scene_list, drop.tolist())]
         x0 = (mean + std * torch.randn(mean.shape, generator=generator).to(sd.device)) * sd.latent_scale  # q(z | x)
         noise = torch.randn(x0.shape, generator=generator)
-        noise = (noise + offset_noise * torch.randn(batch, x0.shape[1], 1, 1, generator=generator)).to(sd.device)
+        if offset_noise:
+            noise = noise + offset_noise * torch.randn(batch, x0.shape[1], 1, 1, generator=generator)
+        noise = noise.to(sd.device)
         t = torch.randint(0, diffusion.T, (batch,), generator=generator).to(sd.device)
         context = sd.text_encoder(sd.tokenizer.encode(captions).to(sd.device))
-        loss = F.mse_loss(sd.unet(diffusion.add_noise(x0, noise, t), t, context), noise)  # L_simple
+        prediction = sd.unet(diffusion.add_noise(x0, noise, t), t, context)
+        loss = F.mse_loss(prediction, diffusion.target(x0, noise, t, prediction_type))  # L_simple (Ho et al. Eq. 14)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
@@ -162,7 +190,7 @@ def train_diffusion(sd, steps, batch, lr, seed, log, ema_decay=0.999, samples=No
 
 def pretrain(out=DEFAULT_CHECKPOINT, vae_steps=2000, unet_steps=3000, vae_batch=8, batch=32, vae_lr=1e-3,
              lr=1e-3, seed=0, threads=None, samples=None, device="cpu", vae_config=None, unet_config=None,
-             mse_weight=1.0, vae_from=None, scenes=24_000):
+             mse_weight=1.0, vae_from=None, scenes=SCENES, zero_snr=False):
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -187,10 +215,11 @@ def pretrain(out=DEFAULT_CHECKPOINT, vae_steps=2000, unet_steps=3000, vae_batch=
             recon = to_uint8(latents_to_images(sd, sd.vae.encode(x)[0] * sd.latent_scale))
         samples.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image_grid(np.concatenate([to_uint8(x), recon]), columns=8)).save(samples / "vae.png")
-    sd = train_diffusion(sd, unet_steps, batch, lr, seed, log, samples=samples, scenes=scenes)
+    sd = train_diffusion(sd, unet_steps, batch, lr, seed, log, samples=samples, scenes=scenes, zero_snr=zero_snr)
     save(sd.to("cpu"), out, dtype=torch.float16, recipe=dict(vae_steps=vae_steps, unet_steps=unet_steps,
                                                              vae_batch=vae_batch, batch=batch, vae_lr=vae_lr, lr=lr,
-                                                             mse_weight=mse_weight, offset_noise=OFFSET_NOISE,
+                                                             mse_weight=mse_weight, zero_snr=zero_snr,
+                                                             offset_noise=0.0 if zero_snr else OFFSET_NOISE,
                                                              scenes=scenes, seed=seed, device=str(device),
                                                              vae_from=vae_from and Path(vae_from).name))
     log(f"wrote {out}")
@@ -242,7 +271,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--samples", type=Path, default=None, help="write sample grids here while training")
-    p.add_argument("--scenes", type=int, default=24_000, help="stage 2's training set, encoded once")
+    p.add_argument("--scenes", type=int, default=SCENES, help="stage 2's training set, encoded once; 0: render afresh")
+    p.add_argument("--zero-snr", action="store_true", help="experiment: zero terminal SNR + v-prediction, no offset")
     p.add_argument("--vae-from", default=None, help="skip stage 1: take the VAE of this checkpoint")
     p.add_argument("--evaluate", action="store_true", help="score the model at --out instead of training it")
     args = p.parse_args(argv)
@@ -251,7 +281,7 @@ def main(argv=None):
         return evaluate(load(args.out, device=args.device), seed=args.seed)
     pretrain(args.out, args.vae_steps, args.unet_steps, batch=args.batch, lr=args.lr, seed=args.seed,
              threads=args.threads, samples=args.samples, device=args.device, vae_from=args.vae_from,
-             scenes=args.scenes)
+             scenes=args.scenes, zero_snr=args.zero_snr)
 
 
 if __name__ == "__main__":
