@@ -37,24 +37,20 @@ class Diffusion:
     """SD v1's noise schedule, its three parameterizations, and one step of each sampler.
 
     SD v1 uses the defaults. zero_terminal_snr and spacing="trailing" are the two fixes of Lin et al. 2024
-    ("Common Diffusion Noise Schedules and Sample Steps are Flawed", §3.1-3.3), which the shapes model trains
-    with (see pretrain.py): SD v1's schedule ends at abar_T = 0.0047, not 0, so x_T still holds a little of the
+    ("Common Diffusion Noise Schedules and Sample Steps are Flawed", §3.1-3.3), which `pretrain.py --zero-snr`
+    trains with: SD v1's schedule ends at abar_T = 0.0047, not 0, so x_T still holds a little of the
     image, and "leading" sampling never starts at T itself. Zero terminal SNR needs v-prediction (§3.2): at T
     eps-prediction says nothing about x0."""
 
     def __init__(self, num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, zero_terminal_snr=False,
                  spacing="leading"):
         check("timestep spacing", spacing, SPACINGS)
-        self.T, self.spacing, self.zero_terminal_snr = num_train_timesteps, spacing, zero_terminal_snr
+        self.T, self.spacing = num_train_timesteps, spacing
         # "scaled linear": linear in sqrt(beta), squared
         self.betas = torch.linspace(beta_start**0.5, beta_end**0.5, self.T, dtype=torch.float64) ** 2
         if zero_terminal_snr:
             self.betas = rescaled_to_zero_terminal_snr(self.betas)
         self.alphas_cumprod = torch.cumprod(1 - self.betas, dim=0)  # abar_t = prod_s (1 - beta_s), DDPM §2
-
-    def config(self):
-        """What differs from SD v1's schedule, as a checkpoint's metadata stores it: Diffusion(**config())."""
-        return {"zero_terminal_snr": self.zero_terminal_snr, "spacing": self.spacing}
 
     def sqrt_abar(self, t, like):
         """sqrt(abar_t), sqrt(1 - abar_t): computed in float64, returned in float32 shaped to broadcast

@@ -98,6 +98,12 @@ def save_samples(sd, folder, name, log):
 
 
 @torch.no_grad()
+def encode(sd, scenes):
+    """Render scenes and encode them: the VAE posterior's (means, stds)."""
+    mean, logvar = sd.vae.encode(to_model_images(np.stack([toy.render(s) for s in scenes])).to(sd.device))
+    return mean, torch.exp(0.5 * logvar)
+
+
 def encode_scenes(sd, n, seed, log, chunk=256):
     """Stage 2's training set: n random scenes, rendered and encoded once. The VAE is frozen by now and its
     encoder at 64x64 costs a third of a CPU training step, so each scene is encoded once and seen ~4 times
@@ -105,12 +111,7 @@ def encode_scenes(sd, n, seed, log, chunk=256):
     Returns (scenes, posterior means, stds)."""
     rng = np.random.default_rng([seed, 5])
     scenes = [toy.random_scene(rng) for _ in range(n)]
-    means, stds = [], []
-    for i in range(0, n, chunk):
-        images = np.stack([toy.render(scene) for scene in scenes[i:i + chunk]])
-        mean, logvar = sd.vae.encode(to_model_images(images).to(sd.device))
-        means.append(mean)
-        stds.append(torch.exp(0.5 * logvar))
+    means, stds = zip(*[encode(sd, scenes[i:i + chunk]) for i in range(0, n, chunk)])
     log(f"encoded {n} scenes")
     return scenes, torch.cat(means), torch.cat(stds)
 
@@ -123,9 +124,7 @@ def scene_batches(sd, batch, steps, seed, scenes, generator, log):
         for step in range(steps):
             rng = np.random.default_rng([seed, 2, step])
             scene_list = [toy.random_scene(rng) for _ in range(batch)]
-            with torch.no_grad():
-                mean, logvar = sd.vae.encode(to_model_images(np.stack([toy.render(s) for s in scene_list])).to(sd.device))
-            yield mean, torch.exp(0.5 * logvar), scene_list
+            yield *encode(sd, scene_list), scene_list
         return
     scene_list, means, stds = encode_scenes(sd, scenes, seed, log)
     order = torch.randperm(scenes, generator=generator)

@@ -27,7 +27,8 @@ from nanocustom.pipeline import images_to_latents
 def masked_loss(prediction, target, masks, is_reg, prior_weight):
     """Per-sample MSE over the valid latent region; targets' mean + lambda * regularisation samples' mean."""
     masks = masks.to(prediction.dtype).expand_as(prediction)
-    per_sample = ((prediction.float() - target.float()) ** 2 * masks).sum((1, 2, 3)) / masks.sum((1, 2, 3)).clamp(min=1)
+    squared_error = (prediction.float() - target.float()) ** 2 * masks
+    per_sample = squared_error.sum((1, 2, 3)) / masks.sum((1, 2, 3)).clamp(min=1)
     loss = per_sample[~is_reg].mean()
     if is_reg.any():
         loss = loss + prior_weight * per_sample[is_reg].mean()
