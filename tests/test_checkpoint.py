@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 from nanocustom.checkpoint import (PREFIXES, CheckpointError, fingerprint, load, new_model, read_state_dict, save,
                                    to_original_layout)
 from nanocustom.clip import CLIPTextConfig
+from nanocustom.pretrain import ZERO_SNR
 from nanocustom.unet import UNetConfig
 from nanocustom.vae import VAEConfig
 
@@ -23,7 +24,7 @@ TINY = dict(unet=UNetConfig(model_channels=32, channel_mult=(1, 2), attention_re
 def tiny(tmp_path_factory):
     torch.manual_seed(0)
     sd = new_model(**TINY, resolution=32, latent_scale=0.5, prediction_type="v",
-                   schedule=dict(zero_terminal_snr=True, spacing="trailing"))
+                   schedule=ZERO_SNR)
     path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
     save(sd, path)
     return sd, path

@@ -7,6 +7,7 @@ from diffusers import DDIMInverseScheduler, DDIMScheduler, DDPMScheduler
 
 from nanocustom.diffusion import Diffusion, guided, invert, sample
 from nanocustom.errors import NanocustomError
+from nanocustom.pretrain import ZERO_SNR
 
 SD_V1 = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
              steps_offset=1, timestep_spacing="leading")
@@ -23,8 +24,7 @@ def ddpm(prediction_type="eps"):
     return DDPMScheduler(**SD_V1, prediction_type=DIFFUSERS_NAME[prediction_type])
 
 
-# The shapes model's schedule (pretrain.py): Lin et al. 2024's zero terminal SNR and trailing spacing, v-prediction
-ZERO_SNR = dict(zero_terminal_snr=True, spacing="trailing")
+# `pretrain.py --zero-snr`'s schedule: Lin et al. 2024's zero terminal SNR and trailing spacing, with v-prediction
 ZERO_SNR_DIFFUSERS = dict(SD_V1, timestep_spacing="trailing", steps_offset=0, rescale_betas_zero_snr=True)
 
 

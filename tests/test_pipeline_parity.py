@@ -20,6 +20,7 @@ from helpers import write_clip_tokenizer_files
 from nanocustom.checkpoint import load, new_model, read_state_dict, save
 from nanocustom.clip import CLIPTextConfig
 from nanocustom.pipeline import generate
+from nanocustom.pretrain import ZERO_SNR
 from nanocustom.unet import UNetConfig
 from nanocustom.vae import VAEConfig
 from test_parity_models import convert_clip, convert_unet, convert_vae, hf_clip_config, randomize_
@@ -37,7 +38,7 @@ PROMPTS = ["a red circle on a blue background", "two small green squares"]
 # v1-inference.yaml's schedule, as StableDiffusionPipeline configures DDIM for SD v1.5
 SD_V1_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                        clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-# the shapes model's: Lin et al. 2024's zero terminal SNR and trailing spacing, with v-prediction (pretrain.py)
+# `pretrain.py --zero-snr`'s: Lin et al. 2024's zero terminal SNR and trailing spacing, with v-prediction
 ZERO_SNR_SCHEDULER = dict(SD_V1_SCHEDULER, rescale_betas_zero_snr=True, timestep_spacing="trailing", steps_offset=0,
                           prediction_type="v_prediction")
 IMAGE_ATOL = 1e-4  # images in [0, 1], float32
@@ -111,7 +112,7 @@ CASES = {  # name: (sampler, eta, guidance, negative prompt, steps, start from g
     "ddpm": ("ddpm", 0.0, 7.5, "", 8, False, "sd_v1"),
     "ddim_no_cfg_at_guidance_1": ("ddim", 0.0, 1.0, "", 5, False, "sd_v1"),
     "ddpm_from_given_latents": ("ddpm", 0.0, 3.0, "", 6, True, "sd_v1"),  # step noise still comes from the seed
-    "ddim_zero_snr_v_prediction": ("ddim", 0.0, 7.5, "", 7, False, "zero_snr"),  # the shapes model's settings
+    "ddim_zero_snr_v_prediction": ("ddim", 0.0, 7.5, "", 7, False, "zero_snr"),  # pretrain.py --zero-snr
     "ddpm_zero_snr_v_prediction": ("ddpm", 0.0, 7.5, "", 6, False, "zero_snr"),
 }
 
@@ -122,7 +123,7 @@ def test_generate_equals_diffusers_stable_diffusion_pipeline(models, monkeypatch
     sampler, eta, guidance, negative_prompt, steps, given_latents, schedule = CASES[case]
     scheduler_config = SD_V1_SCHEDULER
     if schedule == "zero_snr":
-        ours = dataclasses.replace(ours, prediction_type="v", schedule=dict(zero_terminal_snr=True, spacing="trailing"))
+        ours = dataclasses.replace(ours, prediction_type="v", schedule=ZERO_SNR)
         scheduler_config = ZERO_SNR_SCHEDULER
     seed = 1234
     latents = None
@@ -133,8 +134,8 @@ def test_generate_equals_diffusers_stable_diffusion_pipeline(models, monkeypatch
                                 eta=eta, guidance=guidance, seed=seed, latents=latents)
     with torch.no_grad():
         ref_z, ref_images, ref_uint8 = run_diffusers(
-            pipe, sampler, seed, latents, scheduler_config, negative_prompt=[negative_prompt] * len(PROMPTS), num_inference_steps=steps,
-            eta=eta, guidance_scale=guidance)
+            pipe, sampler, seed, latents, scheduler_config, negative_prompt=[negative_prompt] * len(PROMPTS),
+            num_inference_steps=steps, eta=eta, guidance_scale=guidance)
 
     latent_err = ((z - ref_z).abs().max() / ref_z.abs().max()).item()
     image_err = (images - ref_images).abs().max().item()

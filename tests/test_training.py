@@ -5,6 +5,7 @@ import torch
 from nanocustom.checkpoint import new_model
 from nanocustom.clip import CLIPTextConfig
 from nanocustom.personalize import attach
+from nanocustom.pretrain import ZERO_SNR
 from nanocustom.training import FeatureCache, Unmix, encode_text, training_step
 from nanocustom.unet import UNetConfig
 from nanocustom.vae import VAEConfig
@@ -121,13 +122,13 @@ class Oracle(torch.nn.Module):
 
 
 def test_training_step_learns_the_models_prediction_type(monkeypatch):
-    """The shapes model predicts v under a zero-terminal-SNR schedule, SD v1 predicts eps: the loss is zero only
-    for the oracle of the model's own prediction type."""
+    """SD v1 predicts eps, a `pretrain.py --zero-snr` model v under a zero-terminal-SNR schedule: the loss is zero
+    only for the oracle of the model's own prediction type."""
     import nanocustom.training
     x0 = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(2))
     monkeypatch.setattr(nanocustom.training, "images_to_latents", lambda sd, images, generator=None: x0)
     losses = {}
-    for model_type, schedule in (("eps", {}), ("v", dict(zero_terminal_snr=True, spacing="trailing"))):
+    for model_type, schedule in (("eps", {}), ("v", ZERO_SNR)):
         sd = tiny_model()
         sd.prediction_type, sd.schedule = model_type, schedule
         for oracle_type in ("eps", "v"):
