@@ -1,0 +1,41 @@
+"""Pieces of the pretraining recipe (nanocustom/pretrain.py) that a short run cannot show."""
+import torch
+
+from nanocustom.pretrain import LossBalance
+
+
+def test_loss_balance_gives_every_noise_level_the_same_share_of_the_loss():
+    """Losses a hundred times larger near T than near 0 (as under zero terminal SNR) weigh the same once
+    balanced: each bin's weighted loss equals the geometric mean of the bins' running means."""
+    T, bins = 1000, 20
+    balance = LossBalance(T, bins=bins, decay=0.9)
+    generator = torch.Generator().manual_seed(0)
+    level = lambda t: 0.01 * 100 ** (t.double() / T)  # a smooth 100x rise from t = 0 to T
+    for _ in range(300):
+        t = torch.randint(0, T, (64,), generator=generator)
+        loss = level(t) * (1 + 0.1 * torch.randn(64, generator=generator, dtype=torch.float64))
+        weights = balance(loss, t)
+    t = torch.arange(T)
+    weighted = (balance(level(t), t) * level(t)).view(bins, -1).mean(1)
+    assert weighted.max() / weighted.min() < 1.3, weighted  # unweighted, the ratio is about 100
+    assert weights.dtype == loss.dtype and not weights.requires_grad
+
+
+def test_loss_balance_keeps_the_loss_scale_and_starts_from_the_first_loss_it_sees():
+    balance = LossBalance(1000, bins=4)
+    t = torch.tensor([0, 300, 600, 900])  # one sample in each bin
+    loss = torch.tensor([1.0, 2.0, 4.0, 8.0])
+    weights = balance(loss, t)
+    assert torch.allclose(weights * loss, torch.full((4,), 64.0 ** 0.25))  # the geometric mean of 1, 2, 4, 8
+    unseen = LossBalance(1000, bins=4)
+    assert torch.allclose(unseen(torch.tensor([3.0]), torch.tensor([10])), torch.tensor([1.0]))
+
+
+def test_diagnose_counts_each_wrong_attribute_of_the_quick_protocol():
+    from nanocustom.checkpoint import load
+    from nanocustom.pretrain import diagnose
+    report = diagnose(load(), n_single=2, n_double=1, per_prompt=2, steps=2, log=lambda _: None)
+    assert report["single"]["images"] == 4 and report["two-object"]["images"] == 2
+    for part in report.values():
+        right = round(part["adherence"] * part["images"])
+        assert right + max(part["wrong"].values()) <= part["images"]  # an image with a wrong attribute is not right
