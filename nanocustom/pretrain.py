@@ -14,8 +14,11 @@ The latent scale is set, as SD's 0.18215 was, to make the latents about unit var
     OMP_WAIT_POLICY=PASSIVE python -m nanocustom.pretrain --threads 2   # the same recipe, about 69 min on 2 cores
     python -m nanocustom.pretrain --unet-steps 200 --out /tmp/quick.safetensors   # a quick look
     python -m nanocustom.pretrain --evaluate            # the quality figures of the README, by toy.py's evaluator
-    python -m nanocustom.pretrain --vae-from weights/shapes.safetensors --zero-snr --scenes 0 --out /tmp/z.safetensors
-                                          # stage 2 alone, the next experiment (README, "Where the errors are")
+    python -m nanocustom.pretrain --diagnose            # the quick protocol: which attributes go wrong, and how often
+    python -m nanocustom.pretrain --vae-from weights/shapes.safetensors --zero-snr --out /tmp/z.safetensors
+                                          # stage 2 alone, an experiment (README, "Where the errors are")
+    python -m nanocustom.pretrain --init-from CKPT --zero-snr --unet-steps 1000 --lr 3e-4 --out /tmp/f.safetensors
+                                          # stage 2 continued under another schedule
 """
 import argparse
 import copy
@@ -220,7 +223,7 @@ def train_diffusion(sd, steps, batch, lr, seed, log, ema_decay=0.999, samples=No
 
 def pretrain(out=DEFAULT_CHECKPOINT, vae_steps=2000, unet_steps=3000, vae_batch=8, batch=32, vae_lr=1e-3,
              lr=1e-3, seed=0, threads=None, samples=None, device="cpu", vae_config=None, unet_config=None,
-             mse_weight=1.0, vae_from=None, scenes=SCENES, zero_snr=False):
+             mse_weight=1.0, vae_from=None, scenes=SCENES, zero_snr=False, init_from=None):
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -230,9 +233,12 @@ def pretrain(out=DEFAULT_CHECKPOINT, vae_steps=2000, unet_steps=3000, vae_batch=
         print(f"[{time.time() - start:7.0f}s] {msg}", flush=True)
 
     sd = new_model(unet_config or UNET_CONFIG, vae_config or VAE_CONFIG, TEXT_CONFIG, resolution=toy.RES).to(device)
+    vae_from = vae_from or init_from
     if vae_from:  # stage 1 done before: take its autoencoder and latent scale
         trained = load(vae_from, device=device)
         sd.vae, sd.latent_scale = trained.vae.eval().requires_grad_(False), trained.latent_scale
+    if init_from:  # stage 2 continues a trained UNet and text encoder (e.g. under another schedule)
+        sd.unet, sd.text_encoder = trained.unet, trained.text_encoder
     else:
         sd.vae = train_vae(sd.vae.train(), vae_steps, vae_batch, vae_lr, seed, log, mse_weight)
         sd.latent_scale = measure_latent_scale(sd.vae, seed)
@@ -255,7 +261,8 @@ def pretrain(out=DEFAULT_CHECKPOINT, vae_steps=2000, unet_steps=3000, vae_batch=
                                                              mse_weight=mse_weight, zero_snr=zero_snr, loss_balance=zero_snr,
                                                              offset_noise=0.0 if zero_snr else OFFSET_NOISE,
                                                              scenes=scenes, seed=seed, device=str(device),
-                                                             vae_from=vae_from and Path(vae_from).name))
+                                                             vae_from=vae_from and Path(vae_from).name,
+                                                             init_from=init_from and Path(init_from).name))
     log(f"wrote {out}")
 
 
@@ -333,6 +340,7 @@ def main(argv=None):
     p.add_argument("--scenes", type=int, default=SCENES, help="stage 2's training set, encoded once; 0: render afresh")
     p.add_argument("--zero-snr", action="store_true", help="experiment: zero terminal SNR + v-prediction + LossBalance, no offset")
     p.add_argument("--vae-from", default=None, help="skip stage 1: take the VAE of this checkpoint")
+    p.add_argument("--init-from", default=None, help="skip stage 1 and continue this checkpoint's UNet and text encoder")
     p.add_argument("--evaluate", action="store_true", help="score the model at --out instead of training it")
     p.add_argument("--diagnose", action="store_true", help="the quick protocol: which attributes --out gets wrong")
     args = p.parse_args(argv)
@@ -342,7 +350,7 @@ def main(argv=None):
         return diagnose(sd) if args.diagnose else evaluate(sd, seed=args.seed)
     pretrain(args.out, args.vae_steps, args.unet_steps, batch=args.batch, lr=args.lr, seed=args.seed,
              threads=args.threads, samples=args.samples, device=args.device, vae_from=args.vae_from,
-             scenes=args.scenes, zero_snr=args.zero_snr)
+             scenes=args.scenes, zero_snr=args.zero_snr, init_from=args.init_from)
 
 
 if __name__ == "__main__":

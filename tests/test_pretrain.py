@@ -39,3 +39,18 @@ def test_diagnose_counts_each_wrong_attribute_of_the_quick_protocol():
     for part in report.values():
         right = round(part["adherence"] * part["images"])
         assert right + max(part["wrong"].values()) <= part["images"]  # an image with a wrong attribute is not right
+
+
+def test_init_from_continues_a_trained_unet_and_text_encoder_under_zero_snr(tmp_path):
+    """--init-from takes all three parts of a checkpoint; one warm-up step at lr 1e-3 / 200 barely moves them,
+    and the result carries the schedule and prediction type it was trained under."""
+    from nanocustom.checkpoint import DEFAULT_CHECKPOINT, load
+    from nanocustom.pretrain import ZERO_SNR, pretrain
+    out = tmp_path / "continued.safetensors"
+    pretrain(out, unet_steps=1, batch=4, scenes=16, init_from=DEFAULT_CHECKPOINT, zero_snr=True, threads=1)
+    source, continued = load(DEFAULT_CHECKPOINT), load(out)
+    assert (continued.prediction_type, continued.schedule) == ("v", ZERO_SNR)
+    assert continued.latent_scale == source.latent_scale
+    for part in ("unet", "text_encoder", "vae"):
+        a, b = getattr(source, part).state_dict(), getattr(continued, part).state_dict()
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 2e-2, part  # the trained weights, not a new init
