@@ -47,8 +47,8 @@ def test_sample_py_uses_the_shapes_model_by_default(tmp_path):
 
 
 def test_the_caption_decides_the_background(shapes):
-    """The same starting noise under two background words gives two backgrounds: the offset noise of
-    pretrain.train_diffusion at work (without it the noise decided, and both prompts drew the same one)."""
+    """The same starting noise under two background words gives two backgrounds: the zero terminal SNR of
+    pretrain.train_diffusion at work (under SD v1's schedule the noise decided, and both prompts drew the same one)."""
     from nanocustom import toy
     seen = {}
     for background in ("blue", "yellow"):
