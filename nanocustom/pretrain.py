@@ -179,8 +179,8 @@ def train_diffusion(sd, steps, batch, lr, seed, log, ema_decay=0.999, samples=No
 
     zero_snr=True (an experiment, not the shipped recipe) removes the leak itself instead: the schedule rescaled
     to SNR(T) = 0, v-prediction (eps says nothing about x0 at T) and sampling from T ("trailing" spacing), Lin et
-    al. §3.1-3.3; no offset noise; and the loss balanced across timesteps (LossBalance), whose absence cost the
-    session-5 run its shapes (README, "Where the errors are")."""
+    al. §3.1-3.3; no offset noise; and the loss balanced across timesteps (LossBalance). From scratch it still
+    draws blobs; continuing a model that draws shapes (init_from) works: the shipped model (README, "Session 6")."""
     diffusion = Diffusion(**ZERO_SNR) if zero_snr else Diffusion()
     prediction_type, offset_noise = ("v", 0.0) if zero_snr else ("eps", OFFSET_NOISE)
     sd.prediction_type, sd.schedule = prediction_type, ZERO_SNR if zero_snr else {}
