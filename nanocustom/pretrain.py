@@ -237,11 +237,12 @@ def pretrain(out=DEFAULT_CHECKPOINT, vae_steps=2000, unet_steps=3000, vae_batch=
     if vae_from:  # stage 1 done before: take its autoencoder and latent scale
         trained = load(vae_from, device=device)
         sd.vae, sd.latent_scale = trained.vae.eval().requires_grad_(False), trained.latent_scale
-    if init_from:  # stage 2 continues a trained UNet and text encoder (e.g. under another schedule)
-        sd.unet, sd.text_encoder = trained.unet, trained.text_encoder
     else:
         sd.vae = train_vae(sd.vae.train(), vae_steps, vae_batch, vae_lr, seed, log, mse_weight)
         sd.latent_scale = measure_latent_scale(sd.vae, seed)
+    if init_from:  # stage 2 continues a trained UNet and text encoder (e.g. under another schedule)
+        begun = load(init_from, device=device)
+        sd.unet, sd.text_encoder = begun.unet, begun.text_encoder
     log(f"latent scale {sd.latent_scale:.4f}")
     if samples:
         from PIL import Image
