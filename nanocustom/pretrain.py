@@ -146,10 +146,9 @@ class LossBalance:
     e^u = E[L]), without the extra network.
 
     Why: under zero terminal SNR the v-loss near T is the error of guessing a whole scene from its caption, which
-    no model can make small (per element about ten times the loss at low t, measured). Uniform in t, that
-    irreducible part ruled the gradients, and Adam, which divides by their size, moved the shape-drawing
-    (mid and low t) weights ten times slower: the session-5 model drew blobs, and denoised clean scenes worse
-    than the session-2 model at every t (README, "Where the errors are")."""
+    no model can make small (per element about ten times the loss at t = 50 to 400, measured). Uniform in t,
+    that part ruled the gradients: the session-5 model denoised worse than the session-2 model at every t. With
+    the balance the gap at mid t mostly closes, though from scratch the shapes stay blobs (README, "Session 6")."""
 
     def __init__(self, T, bins=20, decay=0.99):
         self.T, self.decay = T, decay
@@ -259,7 +258,8 @@ def pretrain(out=DEFAULT_CHECKPOINT, vae_steps=2000, unet_steps=3000, vae_batch=
         module.to(memory_format=torch.contiguous_format)
     save(sd.to("cpu"), out, dtype=torch.float16, recipe=dict(vae_steps=vae_steps, unet_steps=unet_steps,
                                                              vae_batch=vae_batch, batch=batch, vae_lr=vae_lr, lr=lr,
-                                                             mse_weight=mse_weight, zero_snr=zero_snr, loss_balance=zero_snr,
+                                                             mse_weight=mse_weight, zero_snr=zero_snr,
+                                                             loss_balance=zero_snr,
                                                              offset_noise=0.0 if zero_snr else OFFSET_NOISE,
                                                              scenes=scenes, seed=seed, device=str(device),
                                                              vae_from=vae_from and Path(vae_from).name,
@@ -339,7 +339,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--samples", type=Path, default=None, help="write sample grids here while training")
     p.add_argument("--scenes", type=int, default=SCENES, help="stage 2's training set, encoded once; 0: render afresh")
-    p.add_argument("--zero-snr", action="store_true", help="experiment: zero terminal SNR + v-prediction + LossBalance, no offset")
+    p.add_argument("--zero-snr", action="store_true", help="zero terminal SNR + v-prediction + LossBalance, no offset")
     p.add_argument("--vae-from", default=None, help="skip stage 1: take the VAE of this checkpoint")
     p.add_argument("--init-from", default=None, help="skip stage 1 and continue this checkpoint's UNet and text encoder")
     p.add_argument("--evaluate", action="store_true", help="score the model at --out instead of training it")
