@@ -341,7 +341,7 @@ def main(argv=None):
     p.add_argument("--scenes", type=int, default=SCENES, help="stage 2's training set, encoded once; 0: render afresh")
     p.add_argument("--zero-snr", action="store_true", help="zero terminal SNR + v-prediction + LossBalance, no offset")
     p.add_argument("--vae-from", default=None, help="skip stage 1: take the VAE of this checkpoint")
-    p.add_argument("--init-from", default=None, 
+    p.add_argument("--init-from", default=None,
                    help="skip stage 1 and continue this checkpoint's UNet and text encoder")
     p.add_argument("--evaluate", action="store_true", help="score the model at --out instead of training it")
     p.add_argument("--diagnose", action="store_true", help="the quick protocol: which attributes --out gets wrong")
