@@ -37,7 +37,7 @@ class Diffusion:
     """SD v1's noise schedule, its three parameterizations, and one step of each sampler.
 
     SD v1 uses the defaults. zero_terminal_snr and spacing="trailing" are the two fixes of Lin et al. 2024
-    ("Common Diffusion Noise Schedules and Sample Steps are Flawed", §3.1-3.3), which `pretrain.py --zero-snr`
+    ("Common Diffusion Noise Schedules and Sample Steps are Flawed", §3.1-3.3), which `pretrain.py`'s stage 3
     trains with: SD v1's schedule ends at abar_T = 0.0047, not 0, so x_T still holds a little of the
     image, and "leading" sampling never starts at T itself. Zero terminal SNR needs v-prediction (§3.2): at T
     eps-prediction says nothing about x0."""

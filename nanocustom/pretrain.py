@@ -1,24 +1,26 @@
 """Pretraining the shapes model: a tiny Stable Diffusion v1, same classes, small configs, on `toy.py`'s world.
 
-Two stages, as Latent Diffusion trains (Rombach et al. 2022, §3):
+Three stages, one command. The first two are Latent Diffusion's (Rombach et al. 2022, §3):
   1. the autoencoder, on images alone: L1 + MSE reconstruction + a tiny KL term (§3.1, "KL-reg."; we drop the
      perceptual and adversarial losses, which a world of flat shapes does not need). MSE matters here: with L1
      alone a small object is a minority of pixels, and the decoder painted it in the background's colour;
-  2. the UNet and the text encoder together, on scaled latents of captioned images, with the DDPM loss
-     L_simple (Ho et al. 2020, Eq. 14; LDM Eq. 2) and 10% empty captions so that classifier-free guidance
-     works (Ho & Salimans 2022, §3.2). SD v1 reuses a frozen CLIP; our text encoder is trained here from
-     scratch, since CLIP's weights are too big to ship.
+  2. the UNet and the text encoder together, on scaled latents of captioned images, under SD v1's schedule with
+     eps-prediction and the DDPM loss L_simple (Ho et al. 2020, Eq. 14; LDM Eq. 2), and 10% empty captions so
+     that classifier-free guidance works (Ho & Salimans 2022, §3.2). SD v1 reuses a frozen CLIP; our text
+     encoder is trained here from scratch, since CLIP's weights are too big to ship. Here the model learns to
+     draw the shapes;
+  3. a short finish under zero terminal SNR with v-prediction (Lin et al. 2024, §3.1-3.3) and the loss balanced
+     across timesteps (LossBalance). Here the caption takes the background from the noise (train_diffusion).
 The latent scale is set, as SD's 0.18215 was, to make the latents about unit variance (§4.3.2).
 
-    python -m nanocustom.pretrain --device cuda         # weights/shapes.safetensors: 7 minutes on an H100
-    OMP_WAIT_POLICY=PASSIVE python -m nanocustom.pretrain --threads 2   # the same recipe, about 69 min on 2 cores
-    python -m nanocustom.pretrain --unet-steps 200 --out /tmp/quick.safetensors   # a quick look
+    OMP_WAIT_POLICY=PASSIVE python -m nanocustom.pretrain --threads 2   # weights/shapes.safetensors, ~85 min
+    python -m nanocustom.pretrain --device cuda         # the same recipe on a GPU
     python -m nanocustom.pretrain --evaluate            # the quality figures of the README, by toy.py's evaluator
     python -m nanocustom.pretrain --diagnose            # the quick protocol: which attributes go wrong, and how often
-    python -m nanocustom.pretrain --vae-from weights/shapes.safetensors --zero-snr --out /tmp/z.safetensors
-                                          # stage 2 alone, an experiment (README, "Where the errors are")
-    python -m nanocustom.pretrain --init-from CKPT --zero-snr --unet-steps 1000 --lr 3e-4 --out /tmp/f.safetensors
-                                          # stage 2 continued under another schedule
+    python -m nanocustom.pretrain --init-from CKPT --unet-steps 0 --out /tmp/f.safetensors
+                                          # stage 3 alone on a trained checkpoint
+    python -m nanocustom.pretrain --vae-from CKPT --unet-steps 0 --finish-steps 3000 --finish-lr 1e-3
+                                          # an experiment: zero SNR from scratch (README, "Session 6": blobs)
 """
 import argparse
 import copy
@@ -46,9 +48,9 @@ UNET_CONFIG = UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_bloc
                          num_heads=4, context_dim=64)
 TEXT_CONFIG = CLIPTextConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4)
 P_UNCOND = 0.1  # fraction of captions replaced by "" (classifier-free guidance)
-OFFSET_NOISE = 0.2  # see train_diffusion
-ZERO_SNR = dict(zero_terminal_snr=True, spacing="trailing")  # --zero-snr, an experiment; see train_diffusion
+ZERO_SNR = dict(zero_terminal_snr=True, spacing="trailing")  # stage 3's schedule; see train_diffusion
 SCENES = 24_000  # stage 2's training set, encoded once (0: a fresh render every step)
+FINISH_SCENES = 8_000  # stage 3's
 
 
 def to_model_images(images):
@@ -107,29 +109,29 @@ def encode(sd, scenes):
     return mean, torch.exp(0.5 * logvar)
 
 
-def encode_scenes(sd, n, seed, log, chunk=256):
+def encode_scenes(sd, n, seed, log, pairs=0.5, chunk=256):
     """Stage 2's training set: n random scenes, rendered and encoded once. The VAE is frozen by now and its
     encoder at 64x64 costs a third of a CPU training step, so each scene is encoded once and seen ~4 times
     (3,000 steps x 32 / 24,000), each time under a freshly drawn caption (toy.random_caption).
     Returns (scenes, posterior means, stds)."""
     rng = np.random.default_rng([seed, 5])
-    scenes = [toy.random_scene(rng) for _ in range(n)]
+    scenes = [toy.random_scene(rng, pair_prob=pairs) for _ in range(n)]
     means, stds = zip(*[encode(sd, scenes[i:i + chunk]) for i in range(0, n, chunk)])
     log(f"encoded {n} scenes")
     return scenes, torch.cat(means), torch.cat(stds)
 
 
-def scene_batches(sd, batch, steps, seed, scenes, generator, log):
+def scene_batches(sd, batch, steps, seed, scenes, generator, log, pairs=0.5):
     """(posterior means, stds, scenes) of each step's batch: from `scenes` scenes encoded once and reshuffled
     each epoch, or, with scenes=0, from a fresh render every step (the VAE encoder then costs a third more per
     CPU step)."""
     if not scenes:
         for step in range(steps):
             rng = np.random.default_rng([seed, 2, step])
-            scene_list = [toy.random_scene(rng) for _ in range(batch)]
+            scene_list = [toy.random_scene(rng, pair_prob=pairs) for _ in range(batch)]
             yield *encode(sd, scene_list), scene_list
         return
-    scene_list, means, stds = encode_scenes(sd, scenes, seed, log)
+    scene_list, means, stds = encode_scenes(sd, scenes, seed, log, pairs)
     order = torch.randperm(scenes, generator=generator)
     for step in range(steps):
         if len(order) < batch:  # a new epoch: a new order
@@ -166,22 +168,24 @@ class LossBalance:
         return (seen.log().mean().exp() / self.mean[index]).to(per_sample)
 
 
-def train_diffusion(sd, steps, batch, lr, seed, log, ema_decay=0.999, samples=None, scenes=SCENES, zero_snr=False):
-    """Stage 2: eps-prediction on scaled latents; the UNet and text encoder learn together. Returns EMA weights.
+def train_diffusion(sd, steps, batch, lr, seed, log, ema_decay=0.999, samples=None, scenes=SCENES, zero_snr=False,
+                    pairs=0.5):
+    """Stages 2 and 3: the UNet and text encoder learn together on scaled latents. Returns EMA weights.
 
-    Offset noise: one random constant per latent channel is added to the noise, OFFSET_NOISE * N(0, 1)
-    (Guttenberg 2023, "Diffusion with offset noise"). Why: SD's schedule ends at abar_T = 0.0047 (Lin et al. 2024,
-    §3.1), so x_T still carries sqrt(abar_T) = 0.068 of the image's mean, while the mean of 16x16 noise has a std
-    of only 1/16: the background colour can be read off the noise at every step, and the model never learns it
-    from the caption. Without the offset the session-2 model drew the same background for "on a blue background"
-    and "on a yellow background" from the same seed (measured); with it the caption decides. Sampling is unchanged.
+    zero_snr=False (stage 2): SD v1's schedule and eps-prediction, L_simple. The model learns to draw shapes,
+    but not the background: SD's schedule ends at abar_T = 0.0047 (Lin et al. 2024, §3.1), so x_T keeps
+    sqrt(abar_T) = 0.068 of the latent's mean while the mean of 16x16 noise has a std of only 1/16; the
+    background can be read off the noise at every step, and the model never learns it from the caption (from
+    the same seed "on a blue background" and "on a yellow background" drew the same one, measured).
 
-    zero_snr=True (an experiment, not the shipped recipe) removes the leak itself instead: the schedule rescaled
-    to SNR(T) = 0, v-prediction (eps says nothing about x0 at T) and sampling from T ("trailing" spacing), Lin et
-    al. §3.1-3.3; no offset noise; and the loss balanced across timesteps (LossBalance). From scratch it still
-    draws blobs; continuing a model that draws shapes (init_from) works: the shipped model (README, "Session 6")."""
+    zero_snr=True (stage 3): the leak removed, Lin et al. §3.1-3.3: the schedule rescaled to SNR(T) = 0,
+    v-prediction (eps says nothing about x0 at T) and sampling from T ("trailing" spacing); and the loss balanced
+    across timesteps (LossBalance). From scratch this draws blobs (README, "Session 6"): the loss near T rules
+    the gradients. After stage 2 it teaches the backgrounds and keeps the shapes.
+
+    pairs: the fraction of scenes with two objects (toy.random_scene)."""
     diffusion = Diffusion(**ZERO_SNR) if zero_snr else Diffusion()
-    prediction_type, offset_noise = ("v", 0.0) if zero_snr else ("eps", OFFSET_NOISE)
+    prediction_type, stage = ("v", "finish") if zero_snr else ("eps", "unet")
     sd.prediction_type, sd.schedule = prediction_type, ZERO_SNR if zero_snr else {}
     caption_rng = np.random.default_rng([seed, 2])
     balance = LossBalance(diffusion.T) if zero_snr else None
@@ -189,14 +193,11 @@ def train_diffusion(sd, steps, batch, lr, seed, log, ema_decay=0.999, samples=No
     ema = copy.deepcopy(modules).eval().requires_grad_(False)
     opt = torch.optim.AdamW(modules.parameters(), lr=lr, weight_decay=0.01)
     generator = torch.Generator().manual_seed(seed)
-    for step, (mean, std, scene_list) in enumerate(scene_batches(sd, batch, steps, seed, scenes, generator, log)):
+    for step, (mean, std, scene_list) in enumerate(scene_batches(sd, batch, steps, seed, scenes, generator, log, pairs)):
         drop = torch.rand(batch, generator=generator) < P_UNCOND
         captions = ["" if d else toy.random_caption(scene, caption_rng) for scene, d in zip(scene_list, drop.tolist())]
         x0 = (mean + std * torch.randn(mean.shape, generator=generator).to(sd.device)) * sd.latent_scale  # q(z | x)
-        noise = torch.randn(x0.shape, generator=generator)
-        if offset_noise:
-            noise = noise + offset_noise * torch.randn(batch, x0.shape[1], 1, 1, generator=generator)
-        noise = noise.to(sd.device)
+        noise = torch.randn(x0.shape, generator=generator).to(sd.device)
         t = torch.randint(0, diffusion.T, (batch,), generator=generator).to(sd.device)
         context = sd.text_encoder(sd.tokenizer.encode(captions).to(sd.device))
         prediction = sd.unet(diffusion.add_noise(x0, noise, t), t, context)
@@ -213,16 +214,20 @@ def train_diffusion(sd, steps, batch, lr, seed, log, ema_decay=0.999, samples=No
             for e, p in zip(ema.parameters(), modules.parameters()):
                 e.lerp_(p, 1 - decay)
         if step % 50 == 0 or step == steps - 1:
-            log(f"unet step {step:5d}/{steps}  loss {loss.item():.4f}")
+            log(f"{stage} step {step:5d}/{steps}  loss {loss.item():.4f}")
         if samples and (step + 1) % 500 == 0:
-            save_samples(StableDiffusion(**{**vars(sd), **ema}), samples, f"unet-{step + 1:05d}", log)
+            save_samples(StableDiffusion(**{**vars(sd), **ema}), samples, f"{stage}-{step + 1:05d}", log)
     sd.unet, sd.text_encoder = ema["unet"], ema["text_encoder"]
     return sd
 
 
-def pretrain(out=DEFAULT_CHECKPOINT, vae_steps=2000, unet_steps=3000, vae_batch=8, batch=32, vae_lr=1e-3,
-             lr=1e-3, seed=0, threads=None, samples=None, device="cpu", vae_config=None, unet_config=None,
-             mse_weight=1.0, vae_from=None, scenes=SCENES, zero_snr=False, init_from=None):
+def pretrain(out=DEFAULT_CHECKPOINT, vae_steps=2000, unet_steps=3000, finish_steps=1000, vae_batch=8, batch=32,
+             vae_lr=1e-3, lr=1e-3, finish_lr=3e-4, seed=0, threads=None, samples=None, device="cpu",
+             vae_config=None, unet_config=None, mse_weight=1.0, vae_from=None, init_from=None, scenes=SCENES,
+             finish_scenes=FINISH_SCENES, pairs=0.5):
+    """The three stages of the module docstring, written to `out` in fp16 with the recipe in its metadata.
+    vae_from skips stage 1 (its VAE and latent scale are taken); init_from skips it too and continues that
+    checkpoint's UNet and text encoder; unet_steps=0 or finish_steps=0 skips stage 2 or 3."""
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -236,12 +241,12 @@ def pretrain(out=DEFAULT_CHECKPOINT, vae_steps=2000, unet_steps=3000, vae_batch=
     if vae_from:  # stage 1 done before: take its autoencoder and latent scale
         trained = load(vae_from, device=device)
         sd.vae, sd.latent_scale = trained.vae.eval().requires_grad_(False), trained.latent_scale
+        if init_from:  # and its UNet and text encoder (with the schedule they were trained under)
+            sd.unet, sd.text_encoder = trained.unet, trained.text_encoder
+            sd.prediction_type, sd.schedule = trained.prediction_type, trained.schedule
     else:
         sd.vae = train_vae(sd.vae.train(), vae_steps, vae_batch, vae_lr, seed, log, mse_weight)
         sd.latent_scale = measure_latent_scale(sd.vae, seed)
-    if init_from:  # stage 2 continues a trained UNet and text encoder (e.g. under another schedule)
-        begun = load(init_from, device=device)
-        sd.unet, sd.text_encoder = begun.unet, begun.text_encoder
     log(f"latent scale {sd.latent_scale:.4f}")
     if samples:
         from PIL import Image
@@ -253,17 +258,20 @@ def pretrain(out=DEFAULT_CHECKPOINT, vae_steps=2000, unet_steps=3000, vae_batch=
         Image.fromarray(image_grid(np.concatenate([to_uint8(x), recon]), columns=8)).save(samples / "vae.png")
     if device == "cpu":  # NHWC convolutions: 18% off a CPU training step, 12% off an encode (2 cores, measured)
         sd.unet.to(memory_format=torch.channels_last), sd.vae.to(memory_format=torch.channels_last)
-    sd = train_diffusion(sd, unet_steps, batch, lr, seed, log, samples=samples, scenes=scenes, zero_snr=zero_snr)
+    if unet_steps:
+        log("stage 2: SD v1's schedule, eps-prediction")
+        sd = train_diffusion(sd, unet_steps, batch, lr, seed, log, samples=samples, scenes=scenes, pairs=pairs)
+    if finish_steps:  # a new seed: new scenes, captions and noise
+        log("stage 3: zero terminal SNR, v-prediction, LossBalance")
+        sd = train_diffusion(sd, finish_steps, batch, finish_lr, seed + 1, log, samples=samples, scenes=finish_scenes,
+                             zero_snr=True, pairs=pairs)
     for module in (sd.unet, sd.vae):  # safetensors stores the standard (NCHW) layout
         module.to(memory_format=torch.contiguous_format)
-    save(sd.to("cpu"), out, dtype=torch.float16, recipe=dict(vae_steps=vae_steps, unet_steps=unet_steps,
-                                                             vae_batch=vae_batch, batch=batch, vae_lr=vae_lr, lr=lr,
-                                                             mse_weight=mse_weight, zero_snr=zero_snr,
-                                                             loss_balance=zero_snr,
-                                                             offset_noise=0.0 if zero_snr else OFFSET_NOISE,
-                                                             scenes=scenes, seed=seed, device=str(device),
-                                                             vae_from=vae_from and Path(vae_from).name,
-                                                             init_from=init_from and Path(init_from).name))
+    recipe = dict(vae_steps=0 if vae_from else vae_steps, vae_batch=vae_batch, vae_lr=vae_lr, mse_weight=mse_weight,
+                  unet_steps=unet_steps, batch=batch, lr=lr, scenes=scenes, finish_steps=finish_steps,
+                  finish_lr=finish_lr, finish_scenes=finish_scenes, pairs=pairs, seed=seed, device=str(device),
+                  vae_from=vae_from and Path(vae_from).name, init_from=init_from and Path(init_from).name)
+    save(sd.to("cpu"), out, dtype=torch.float16, recipe=recipe)
     log(f"wrote {out}")
 
 
@@ -310,6 +318,8 @@ def diagnose(sd, n_single=12, n_double=8, per_prompt=8, steps=25, guidance=7.5, 
     single, double = quality_prompts(0, max(n_single, n_double))
     report = {}
     for name, prompts in (("single", single[:n_single]), ("two-object", double[:n_double])):
+        if not prompts:
+            continue
         wrong, right, total = dict(background=0, shape=0, colour=0, count=0), 0, 0
         for i, prompt in enumerate(prompts):
             spec = toy.parse_caption(prompt)
@@ -328,21 +338,23 @@ def diagnose(sd, n_single=12, n_double=8, per_prompt=8, steps=25, guidance=7.5, 
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="pretrain the shapes model")
+    p = argparse.ArgumentParser(description="pretrain the shapes model (three stages; see the module docstring)")
     p.add_argument("--out", default=str(DEFAULT_CHECKPOINT))
-    p.add_argument("--vae-steps", type=int, default=2000)
-    p.add_argument("--unet-steps", type=int, default=3000)
+    p.add_argument("--vae-steps", type=int, default=2000, help="stage 1")
+    p.add_argument("--unet-steps", type=int, default=3000, help="stage 2, SD v1's schedule (0: skip)")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=1e-3, help="stage 2")
+    p.add_argument("--scenes", type=int, default=SCENES, help="stage 2's training set, encoded once; 0: render afresh")
+    p.add_argument("--finish-steps", type=int, default=1000, help="stage 3, zero terminal SNR (0: skip)")
+    p.add_argument("--finish-lr", type=float, default=3e-4)
+    p.add_argument("--finish-scenes", type=int, default=FINISH_SCENES)
+    p.add_argument("--pairs", type=float, default=0.5, help="fraction of scenes with two objects")
     p.add_argument("--device", default="cpu", help="cuda trains the same recipe in minutes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--samples", type=Path, default=None, help="write sample grids here while training")
-    p.add_argument("--scenes", type=int, default=SCENES, help="stage 2's training set, encoded once; 0: render afresh")
-    p.add_argument("--zero-snr", action="store_true", help="zero terminal SNR + v-prediction + LossBalance, no offset")
     p.add_argument("--vae-from", default=None, help="skip stage 1: take the VAE of this checkpoint")
-    p.add_argument("--init-from", default=None,
-                   help="skip stage 1 and continue this checkpoint's UNet and text encoder")
+    p.add_argument("--init-from", default=None, help="skip stage 1 and continue this checkpoint's UNet and text encoder")
     p.add_argument("--evaluate", action="store_true", help="score the model at --out instead of training it")
     p.add_argument("--diagnose", action="store_true", help="the quick protocol: which attributes --out gets wrong")
     args = p.parse_args(argv)
@@ -350,9 +362,12 @@ def main(argv=None):
         torch.set_num_threads(args.threads or torch.get_num_threads())
         sd = load(args.out, device=args.device)
         return diagnose(sd) if args.diagnose else evaluate(sd, seed=args.seed)
-    pretrain(args.out, args.vae_steps, args.unet_steps, batch=args.batch, lr=args.lr, seed=args.seed,
-             threads=args.threads, samples=args.samples, device=args.device, vae_from=args.vae_from,
-             scenes=args.scenes, zero_snr=args.zero_snr, init_from=args.init_from)
+    if not 0 <= args.pairs <= 1:
+        p.error(f"--pairs {args.pairs} is a fraction of scenes; give a number in [0, 1]")
+    pretrain(args.out, args.vae_steps, args.unet_steps, args.finish_steps, batch=args.batch, lr=args.lr,
+             finish_lr=args.finish_lr, seed=args.seed, threads=args.threads, samples=args.samples, device=args.device,
+             vae_from=args.vae_from, init_from=args.init_from, scenes=args.scenes, finish_scenes=args.finish_scenes,
+             pairs=args.pairs)
 
 
 if __name__ == "__main__":

@@ -241,10 +241,11 @@ def complete_scene(spec, rng):
     return Scene(objects, background)
 
 
-def random_scene(rng, concept_prob=0.0):
-    """One or two objects, each a held-out concept with probability concept_prob (0 for pretraining)."""
+def random_scene(rng, concept_prob=0.0, pair_prob=0.5):
+    """One object, or two with probability pair_prob; each a held-out concept with probability concept_prob
+    (0 for pretraining)."""
     objects = []
-    for _ in range(1 if rng.random() < 0.5 else 2):
+    for _ in range(2 if rng.random() >= 1 - pair_prob else 1):
         if rng.random() < concept_prob:
             name = _pick(rng, [c for c in CONCEPTS if c not in {o.concept for o in objects}])
             objects.append(Obj(CONCEPTS[name].shape, concept=name))

@@ -24,7 +24,7 @@ def ddpm(prediction_type="eps"):
     return DDPMScheduler(**SD_V1, prediction_type=DIFFUSERS_NAME[prediction_type])
 
 
-# `pretrain.py --zero-snr`'s schedule: Lin et al. 2024's zero terminal SNR and trailing spacing, with v-prediction
+# the schedule of `pretrain.py`'s stage 3: Lin et al. 2024's zero terminal SNR and trailing spacing, with v-prediction
 ZERO_SNR_DIFFUSERS = dict(SD_V1, timestep_spacing="trailing", steps_offset=0, rescale_betas_zero_snr=True)
 
 

@@ -38,7 +38,7 @@ PROMPTS = ["a red circle on a blue background", "two small green squares"]
 # v1-inference.yaml's schedule, as StableDiffusionPipeline configures DDIM for SD v1.5
 SD_V1_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                        clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-# `pretrain.py --zero-snr`'s: Lin et al. 2024's zero terminal SNR and trailing spacing, with v-prediction
+# that of `pretrain.py`'s stage 3: Lin et al. 2024's zero terminal SNR and trailing spacing, with v-prediction
 ZERO_SNR_SCHEDULER = dict(SD_V1_SCHEDULER, rescale_betas_zero_snr=True, timestep_spacing="trailing", steps_offset=0,
                           prediction_type="v_prediction")
 IMAGE_ATOL = 1e-4  # images in [0, 1], float32
@@ -112,7 +112,7 @@ CASES = {  # name: (sampler, eta, guidance, negative prompt, steps, start from g
     "ddpm": ("ddpm", 0.0, 7.5, "", 8, False, "sd_v1"),
     "ddim_no_cfg_at_guidance_1": ("ddim", 0.0, 1.0, "", 5, False, "sd_v1"),
     "ddpm_from_given_latents": ("ddpm", 0.0, 3.0, "", 6, True, "sd_v1"),  # step noise still comes from the seed
-    "ddim_zero_snr_v_prediction": ("ddim", 0.0, 7.5, "", 7, False, "zero_snr"),  # pretrain.py --zero-snr
+    "ddim_zero_snr_v_prediction": ("ddim", 0.0, 7.5, "", 7, False, "zero_snr"),  # pretrain.py's stage 3
     "ddpm_zero_snr_v_prediction": ("ddpm", 0.0, 7.5, "", 6, False, "zero_snr"),
 }
 

@@ -42,15 +42,47 @@ def test_diagnose_counts_each_wrong_attribute_of_the_quick_protocol():
 
 
 def test_init_from_continues_a_trained_unet_and_text_encoder_under_zero_snr(tmp_path):
-    """--init-from takes all three parts of a checkpoint; one warm-up step at lr 1e-3 / 200 barely moves them,
-    and the result carries the schedule and prediction type it was trained under."""
+    """--init-from takes all three parts of a checkpoint; one warm-up step of stage 3 at lr 3e-4 / 200 barely
+    moves them, and the result carries the schedule and prediction type it was trained under."""
     from nanocustom.checkpoint import DEFAULT_CHECKPOINT, load
     from nanocustom.pretrain import ZERO_SNR, pretrain
     out = tmp_path / "continued.safetensors"
-    pretrain(out, unet_steps=1, batch=4, scenes=16, init_from=DEFAULT_CHECKPOINT, zero_snr=True, threads=1)
+    pretrain(out, unet_steps=0, finish_steps=1, batch=4, finish_scenes=16, init_from=DEFAULT_CHECKPOINT, threads=1)
     source, continued = load(DEFAULT_CHECKPOINT), load(out)
     assert (continued.prediction_type, continued.schedule) == ("v", ZERO_SNR)
     assert continued.latent_scale == source.latent_scale
     for part in ("unet", "text_encoder", "vae"):
         a, b = getattr(source, part).state_dict(), getattr(continued, part).state_dict()
         assert max((a[k] - b[k]).abs().max().item() for k in a) < 2e-2, part  # the trained weights, not a new init
+    assert continued.metadata["recipe"]["vae_steps"] == 0  # stage 1 was not run here
+
+
+def test_the_recipe_is_one_command_of_three_stages(tmp_path):
+    """`python -m nanocustom.pretrain` with every stage cut to two steps: the VAE, stage 2 under SD v1's schedule
+    (eps), stage 3 under zero terminal SNR (v), one file at the end whose metadata says so."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    from nanocustom.checkpoint import load
+    from nanocustom.pretrain import UNET_CONFIG, ZERO_SNR
+    out = tmp_path / "tiny.safetensors"
+    result = subprocess.run([sys.executable, "-m", "nanocustom.pretrain", "--vae-steps", "2", "--unet-steps", "2",
+                             "--finish-steps", "2", "--scenes", "16", "--finish-scenes", "8", "--batch", "4",
+                             "--threads", "1", "--out", str(out)],
+                            cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    log = result.stdout
+    assert log.index("vae  step") < log.index("encoded 16 scenes") < log.index("unet step") \
+        < log.index("encoded 8 scenes") < log.index("finish step") < log.index("wrote"), log
+    model = load(out)
+    assert (model.prediction_type, model.schedule, model.unet.config) == ("v", ZERO_SNR, UNET_CONFIG)
+    recipe = model.metadata["recipe"]
+    assert (recipe["vae_steps"], recipe["unet_steps"], recipe["finish_steps"]) == (2, 2, 2)
+
+
+def test_pairs_sets_the_share_of_two_object_scenes():
+    import numpy as np
+    from nanocustom import toy
+    rng = np.random.default_rng(0)
+    counts = [len(toy.random_scene(rng, pair_prob=p).objects) for p in (0.0, 1.0) for _ in range(50)]
+    assert counts == [1] * 50 + [2] * 50

@@ -122,7 +122,7 @@ class Oracle(torch.nn.Module):
 
 
 def test_training_step_learns_the_models_prediction_type(monkeypatch):
-    """SD v1 predicts eps, a `pretrain.py --zero-snr` model v under a zero-terminal-SNR schedule: the loss is zero
+    """SD v1 predicts eps, a model after `pretrain.py`'s stage 3 v under a zero-terminal-SNR schedule: the loss is zero
     only for the oracle of the model's own prediction type."""
     import nanocustom.training
     x0 = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(2))
