@@ -193,7 +193,8 @@ def train_diffusion(sd, steps, batch, lr, seed, log, ema_decay=0.999, samples=No
     ema = copy.deepcopy(modules).eval().requires_grad_(False)
     opt = torch.optim.AdamW(modules.parameters(), lr=lr, weight_decay=0.01)
     generator = torch.Generator().manual_seed(seed)
-    for step, (mean, std, scene_list) in enumerate(scene_batches(sd, batch, steps, seed, scenes, generator, log, pairs)):
+    batches = scene_batches(sd, batch, steps, seed, scenes, generator, log, pairs)
+    for step, (mean, std, scene_list) in enumerate(batches):
         drop = torch.rand(batch, generator=generator) < P_UNCOND
         captions = ["" if d else toy.random_caption(scene, caption_rng) for scene, d in zip(scene_list, drop.tolist())]
         x0 = (mean + std * torch.randn(mean.shape, generator=generator).to(sd.device)) * sd.latent_scale  # q(z | x)
@@ -354,7 +355,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--samples", type=Path, default=None, help="write sample grids here while training")
     p.add_argument("--vae-from", default=None, help="skip stage 1: take the VAE of this checkpoint")
-    p.add_argument("--init-from", default=None, help="skip stage 1 and continue this checkpoint's UNet and text encoder")
+    p.add_argument("--init-from", default=None,
+                   help="skip stage 1 and continue this checkpoint's UNet and text encoder")
     p.add_argument("--evaluate", action="store_true", help="score the model at --out instead of training it")
     p.add_argument("--diagnose", action="store_true", help="the quick protocol: which attributes --out gets wrong")
     args = p.parse_args(argv)
