@@ -10,7 +10,7 @@ Three stages, one command. The first two are Latent Diffusion's (Rombach et al. 
      encoder is trained here from scratch, since CLIP's weights are too big to ship. Here the model learns to
      draw the shapes;
   3. a short finish under zero terminal SNR with v-prediction (Lin et al. 2024, §3.1-3.3) and the loss balanced
-     across timesteps (LossBalance). Here the caption takes the background from the noise (train_diffusion).
+     across timesteps (LossBalance). Here the background comes to follow the caption, not the noise (train_diffusion).
 The latent scale is set, as SD's 0.18215 was, to make the latents about unit variance (§4.3.2).
 
     OMP_WAIT_POLICY=PASSIVE python -m nanocustom.pretrain --threads 2   # weights/shapes.safetensors, ~85 min

@@ -245,7 +245,7 @@ def random_scene(rng, concept_prob=0.0, pair_prob=0.5):
     """One object, or two with probability pair_prob; each a held-out concept with probability concept_prob
     (0 for pretraining)."""
     objects = []
-    for _ in range(2 if rng.random() >= 1 - pair_prob else 1):
+    for _ in range(2 if rng.random() >= 1 - pair_prob else 1):  # at 0.5, the same draws as before pair_prob
         if rng.random() < concept_prob:
             name = _pick(rng, [c for c in CONCEPTS if c not in {o.concept for o in objects}])
             objects.append(Obj(CONCEPTS[name].shape, concept=name))
