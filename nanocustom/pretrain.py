@@ -1,26 +1,27 @@
 """Pretraining the shapes model: a tiny Stable Diffusion v1, same classes, small configs, on `toy.py`'s world.
 
 Three stages, one command. The first two are Latent Diffusion's (Rombach et al. 2022, §3):
-  1. the autoencoder, on images alone: L1 + MSE reconstruction + a tiny KL term (§3.1, "KL-reg."; we drop the
-     perceptual and adversarial losses, which a world of flat shapes does not need). MSE matters here: with L1
-     alone a small object is a minority of pixels, and the decoder painted it in the background's colour;
-  2. the UNet and the text encoder together, on scaled latents of captioned images, under SD v1's schedule with
-     eps-prediction and the DDPM loss L_simple (Ho et al. 2020, Eq. 14; LDM Eq. 2), and 10% empty captions so
-     that classifier-free guidance works (Ho & Salimans 2022, §3.2). SD v1 reuses a frozen CLIP; our text
-     encoder is trained here from scratch, since CLIP's weights are too big to ship. Here the model learns to
+  1. the two parts SD v1 takes pretrained: (a) the autoencoder, on images alone: L1 + MSE reconstruction + a tiny
+     KL term (§3.1, "KL-reg."; we drop the perceptual and adversarial losses, which a world of flat shapes does not
+     need). MSE matters here: with L1 alone a small object is a minority of pixels, and the decoder painted it in
+     the background's colour; (b) the text encoder, which SD v1 takes from CLIP (Radford et al. 2021), too big
+     to ship: ours learns to parse the captions, so that each shape word's feature carries its own colour
+     (train_text_encoder; a text encoder trained through the diffusion loss alone stayed a bag of words);
+  2. the UNet, on scaled latents of captioned images, conditioned on the frozen text encoder (LDM §3.3), under
+     SD v1's schedule with eps-prediction and the DDPM loss L_simple (Ho et al. 2020, Eq. 14; LDM Eq. 2), and 10%
+     empty captions so that classifier-free guidance works (Ho & Salimans 2022, §3.2). Here the model learns to
      draw the shapes;
   3. a short finish under zero terminal SNR with v-prediction (Lin et al. 2024, §3.1-3.3) and the loss balanced
      across timesteps (LossBalance). Here the background comes to follow the caption, not the noise (train_diffusion).
 The latent scale is set, as SD's 0.18215 was, to make the latents about unit variance (§4.3.2).
 
-    OMP_WAIT_POLICY=PASSIVE python -m nanocustom.pretrain --threads 2   # weights/shapes.safetensors, ~85 min
+    OMP_WAIT_POLICY=PASSIVE python -m nanocustom.pretrain --threads 2   # weights/shapes.safetensors
     python -m nanocustom.pretrain --device cuda         # the same recipe on a GPU
     python -m nanocustom.pretrain --evaluate            # the quality figures of the README, by toy.py's evaluator
     python -m nanocustom.pretrain --diagnose            # the quick protocol: which attributes go wrong, and how often
+    python -m nanocustom.pretrain --vae-from CKPT       # stages 1b to 3 on a trained autoencoder
     python -m nanocustom.pretrain --init-from CKPT --unet-steps 0 --out /tmp/f.safetensors
                                           # stage 3 alone on a trained checkpoint
-    python -m nanocustom.pretrain --vae-from CKPT --unet-steps 0 --finish-steps 3000 --finish-lr 1e-3
-                                          # an experiment: zero SNR from scratch (README, "Session 6": blobs)
 """
 import argparse
 import copy
@@ -51,6 +52,7 @@ P_UNCOND = 0.1  # fraction of captions replaced by "" (classifier-free guidance)
 ZERO_SNR = dict(zero_terminal_snr=True, spacing="trailing")  # stage 3's schedule; see train_diffusion
 SCENES = 24_000  # stage 2's training set, encoded once (0: a fresh render every step)
 FINISH_SCENES = 8_000  # stage 3's
+TEXT_STEPS = 600  # stage 1b's, of 128 captions
 
 
 def to_model_images(images):
@@ -79,6 +81,105 @@ def train_vae(vae, steps, batch, lr, seed, log, mse_weight=1.0):
         if step % 50 == 0 or step == steps - 1:
             log(f"vae  step {step:5d}/{steps}  l1 {loss.item():.4f}")
     return vae.eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------- stage 1b: the text encoder
+
+# Heads of the caption parse, per object: shape (0 = no object), colour, size, position (0 = unsaid; size 1 + index
+# in toy.SIZES, position 1 + index in toy.SLOTS).
+OBJECT_CLASSES = (1 + len(toy.SHAPES), 1 + len(toy.COLOURS), 1 + len(toy.SIZES), 1 + len(toy.SLOTS))
+POSITION_ENDS = {words.split()[-1] for words in toy.POSITION_WORDS.values()}  # "left", "middle", "right"
+
+
+def _object_target(o):
+    if o is None:
+        return [0, 0, 0, 0]
+    return [1 + toy.SHAPES.index(o.shape), 0 if o.colour is None else 1 + list(toy.COLOURS).index(o.colour),
+            0 if o.size is None else 1 + list(toy.SIZES).index(o.size),
+            0 if o.position is None else 1 + toy.SLOTS.index(o.position)]
+
+
+def parse_targets(captions, length=77):
+    """Captions -> what stage 1b teaches each token feature to say (-1: nothing), all causally knowable:
+    object [B, length, 4]: at a shape word, that object's shape, colour and size; at the last word of its position
+    ("left"), its position too; scene [B, length, 9]: from EOS on (EOS and the padding, which repeats it), the
+    first object's 4 attributes, the second's (shape 0 when there is none) and the background (0 = unsaid)."""
+    obj, scene = torch.full((len(captions), length, 4), -1), torch.full((len(captions), length, 9), -1)
+    for b, text in enumerate(captions):
+        said, words = toy.parse_caption(text), text.split()
+        k = 0  # which object the words are about
+        for i, word in enumerate(words):
+            k += word == "and"
+            target = _object_target(said.objects[k])
+            if word in toy.SHAPES:
+                obj[b, 1 + i] = torch.tensor(target[:3] + [-1])  # its position, if said, comes later
+            elif word in POSITION_ENDS:
+                obj[b, 1 + i] = torch.tensor(target)
+        second = said.objects[1] if len(said.objects) > 1 else None
+        background = 0 if said.background is None else 1 + list(toy.BACKGROUNDS).index(said.background)
+        first = _object_target(said.objects[0])
+        scene[b, len(words) + 1:] = torch.tensor(first + _object_target(second) + [background])
+    return obj, scene
+
+
+def parse_loss(logits_object, logits_scene, obj, scene):
+    """Cross-entropy of each attribute head, ignoring -1; logits_object [B, T, sum(OBJECT_CLASSES)],
+    logits_scene [B, T, 2 * sum(OBJECT_CLASSES) + 1 + len(BACKGROUNDS)]."""
+    loss = 0.0
+    per_object, background = list(OBJECT_CLASSES), 1 + len(toy.BACKGROUNDS)
+    for logits, targets, classes in ((logits_object, obj, per_object),
+                                     (logits_scene, scene, per_object * 2 + [background])):
+        for j, part in enumerate(logits.split(classes, dim=-1)):
+            loss = loss + F.cross_entropy(part.flatten(0, 1), targets[..., j].flatten(), ignore_index=-1)
+    return loss
+
+
+def train_text_encoder(text_encoder, tokenizer, steps, batch, lr, seed, log, pairs=0.5):
+    """Stage 1b: SD v1 conditions on a frozen text encoder that CLIP's contrastive training made (Radford et al.
+    2021); ours must be made here, and made to *bind*: with the text encoder trained only through the diffusion
+    loss (sessions 2-7), a noun's feature hardly depended on its colour word (cosine 0.94-1.00 under swapped colours,
+    binding_probe), and two-object prompts failed. So, as CLIP's features say what the caption describes, ours are
+    trained to parse the caption: linear heads read each object's attributes off its shape word's feature (and
+    position word's), and the whole scene off EOS (parse_targets). Captions only, no images: a few minutes on a CPU.
+    The heads are dropped; the encoder is frozen from here on, as SD v1's is."""
+    device = next(text_encoder.parameters()).device
+    width = text_encoder.config.hidden_size
+    heads = torch.nn.ModuleDict({"object": torch.nn.Linear(width, sum(OBJECT_CLASSES)),
+                                 "scene": torch.nn.Linear(width, 2 * sum(OBJECT_CLASSES) + 1 + len(toy.BACKGROUNDS))})
+    heads.to(device)
+    params = list(text_encoder.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    rng = np.random.default_rng([seed, 6])
+    text_encoder.train().requires_grad_(True)
+    for step in range(steps):
+        captions = [toy.random_caption(toy.random_scene(rng, pair_prob=pairs), rng) for _ in range(batch)]
+        obj, scene = (t.to(device) for t in parse_targets(captions))
+        features = text_encoder(tokenizer.encode(captions).to(device))
+        loss = parse_loss(heads["object"](features), heads["scene"](features), obj, scene)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        for group in opt.param_groups:  # linear warm-up, then cosine decay
+            group["lr"] = lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + np.cos(np.pi * step / steps))
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            log(f"text step {step:5d}/{steps}  parse loss {loss.item():.4f}")
+    return text_encoder.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def binding_probe(sd, n=64, seed=0):
+    """How much a shape word's feature depends on its own colour word: the mean cosine similarity of the shape
+    words' text features between "a red circle and a green square" and the same with the colours swapped, over n
+    random pairs (1.0: not at all, a bag of words the UNet cannot bind; lower is better)."""
+    rng = np.random.default_rng([seed, 7])
+    cosines = []
+    for _ in range(n):
+        (s1, s2), (c1, c2) = rng.choice(toy.SHAPES, 2, replace=False), rng.choice(list(toy.COLOURS), 2, replace=False)
+        ids = sd.tokenizer.encode([f"a {c1} {s1} and a {c2} {s2}", f"a {c2} {s1} and a {c1} {s2}"]).to(sd.device)
+        features = sd.text_encoder(ids)[:, [3, 7]]  # the shape words: after BOS, "a", the colour
+        cosines.append(F.cosine_similarity(features[0], features[1], dim=-1).mean().item())
+    return float(np.mean(cosines))
 
 
 @torch.no_grad()
@@ -150,7 +251,8 @@ class LossBalance:
     Why: under zero terminal SNR the v-loss near T is the error of guessing a whole scene from its caption, which
     no model can make small (per element about ten times the loss at t = 50 to 400, measured). Uniform in t,
     that part ruled the gradients: the session-5 model denoised worse than the session-2 model at every t. With
-    the balance the gap at mid t mostly closes, though from scratch the shapes stay blobs (README, "Session 6")."""
+    the balance the gap at mid t mostly closes, though from scratch the shapes stay blobs (README, "How the recipe
+    came to be")."""
 
     def __init__(self, T, bins=20, decay=0.99):
         self.T, self.decay = T, decay
@@ -170,7 +272,8 @@ class LossBalance:
 
 def train_diffusion(sd, steps, batch, lr, seed, log, ema_decay=0.999, samples=None, scenes=SCENES, zero_snr=False,
                     pairs=0.5):
-    """Stages 2 and 3: the UNet and text encoder learn together on scaled latents. Returns EMA weights.
+    """Stages 2 and 3: the UNet learns on scaled latents, conditioned on the frozen text encoder of stage 1b, as
+    SD v1's UNet is on CLIP's (LDM §3.3). Returns the UNet's EMA weights.
 
     zero_snr=False (stage 2): SD v1's schedule and eps-prediction, L_simple. The model learns to draw shapes,
     but not the background: SD's schedule ends at abar_T = 0.0047 (Lin et al. 2024, §3.1), so x_T keeps
@@ -180,8 +283,8 @@ def train_diffusion(sd, steps, batch, lr, seed, log, ema_decay=0.999, samples=No
 
     zero_snr=True (stage 3): the leak removed, Lin et al. §3.1-3.3: the schedule rescaled to SNR(T) = 0,
     v-prediction (eps says nothing about x0 at T) and sampling from T ("trailing" spacing); and the loss balanced
-    across timesteps (LossBalance). From scratch this draws blobs (README, "Session 6"): the loss near T rules
-    the gradients. After stage 2 it teaches the backgrounds and keeps the shapes.
+    across timesteps (LossBalance). From scratch this draws blobs (README, "How the recipe came to be"): the loss
+    near T rules the gradients. After stage 2 it teaches the backgrounds and keeps the shapes.
 
     pairs: the fraction of scenes with two objects (toy.random_scene)."""
     diffusion = Diffusion(**ZERO_SNR) if zero_snr else Diffusion()
@@ -189,9 +292,10 @@ def train_diffusion(sd, steps, batch, lr, seed, log, ema_decay=0.999, samples=No
     sd.prediction_type, sd.schedule = prediction_type, ZERO_SNR if zero_snr else {}
     caption_rng = np.random.default_rng([seed, 2])
     balance = LossBalance(diffusion.T) if zero_snr else None
-    modules = torch.nn.ModuleDict({"unet": sd.unet, "text_encoder": sd.text_encoder}).train().requires_grad_(True)
-    ema = copy.deepcopy(modules).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(modules.parameters(), lr=lr, weight_decay=0.01)
+    unet = sd.unet.train().requires_grad_(True)
+    sd.text_encoder.eval().requires_grad_(False)
+    ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
     generator = torch.Generator().manual_seed(seed)
     batches = scene_batches(sd, batch, steps, seed, scenes, generator, log, pairs)
     for step, (mean, std, scene_list) in enumerate(batches):
@@ -200,35 +304,36 @@ def train_diffusion(sd, steps, batch, lr, seed, log, ema_decay=0.999, samples=No
         x0 = (mean + std * torch.randn(mean.shape, generator=generator).to(sd.device)) * sd.latent_scale  # q(z | x)
         noise = torch.randn(x0.shape, generator=generator).to(sd.device)
         t = torch.randint(0, diffusion.T, (batch,), generator=generator).to(sd.device)
-        context = sd.text_encoder(sd.tokenizer.encode(captions).to(sd.device))
-        prediction = sd.unet(diffusion.add_noise(x0, noise, t), t, context)
+        with torch.no_grad():
+            context = sd.text_encoder(sd.tokenizer.encode(captions).to(sd.device))
+        prediction = unet(diffusion.add_noise(x0, noise, t), t, context)
         per_sample = (prediction - diffusion.target(x0, noise, t, prediction_type)).pow(2).mean(dim=(1, 2, 3))
         loss = (balance(per_sample, t) * per_sample).mean() if balance else per_sample.mean()  # L_simple (Ho Eq. 14)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         for group in opt.param_groups:  # linear warm-up, then cosine decay
             group["lr"] = lr * min(1.0, (step + 1) / 200) * 0.5 * (1 + np.cos(np.pi * step / steps))
         opt.step()
         decay = min(ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for e, p in zip(ema.parameters(), modules.parameters()):
+            for e, p in zip(ema.parameters(), unet.parameters()):
                 e.lerp_(p, 1 - decay)
         if step % 50 == 0 or step == steps - 1:
             log(f"{stage} step {step:5d}/{steps}  loss {loss.item():.4f}")
         if samples and (step + 1) % 500 == 0:
-            save_samples(StableDiffusion(**{**vars(sd), **ema}), samples, f"{stage}-{step + 1:05d}", log)
-    sd.unet, sd.text_encoder = ema["unet"], ema["text_encoder"]
+            save_samples(StableDiffusion(**{**vars(sd), "unet": ema}), samples, f"{stage}-{step + 1:05d}", log)
+    sd.unet = ema
     return sd
 
 
 def pretrain(out=DEFAULT_CHECKPOINT, vae_steps=2000, unet_steps=3000, finish_steps=1000, vae_batch=8, batch=32,
-             vae_lr=1e-3, lr=1e-3, finish_lr=3e-4, seed=0, threads=None, samples=None, device="cpu",
-             vae_config=None, unet_config=None, mse_weight=1.0, vae_from=None, init_from=None, scenes=SCENES,
-             finish_scenes=FINISH_SCENES, pairs=0.5):
+             vae_lr=1e-3, lr=1e-3, finish_lr=3e-4, text_steps=TEXT_STEPS, text_batch=128, text_lr=3e-3, seed=0,
+             threads=None, samples=None, device="cpu", vae_config=None, unet_config=None, mse_weight=1.0,
+             vae_from=None, init_from=None, scenes=SCENES, finish_scenes=FINISH_SCENES, pairs=0.5):
     """The three stages of the module docstring, written to `out` in fp16 with the recipe in its metadata.
-    vae_from skips stage 1 (its VAE and latent scale are taken); init_from skips it too and continues that
-    checkpoint's UNet and text encoder; unet_steps=0 or finish_steps=0 skips stage 2 or 3."""
+    vae_from skips stage 1a (its VAE and latent scale are taken); init_from skips stage 1 and continues that
+    checkpoint's UNet and text encoder; text_steps=0, unet_steps=0 or finish_steps=0 skips stage 1b, 2 or 3."""
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -249,6 +354,11 @@ def pretrain(out=DEFAULT_CHECKPOINT, vae_steps=2000, unet_steps=3000, finish_ste
         sd.vae = train_vae(sd.vae.train(), vae_steps, vae_batch, vae_lr, seed, log, mse_weight)
         sd.latent_scale = measure_latent_scale(sd.vae, seed)
     log(f"latent scale {sd.latent_scale:.4f}")
+    if not init_from and text_steps:
+        log("stage 1b: the text encoder learns to parse captions")
+        sd.text_encoder = train_text_encoder(sd.text_encoder, sd.tokenizer, text_steps, text_batch, text_lr, seed, log,
+                                             pairs)
+    log(f"binding probe {binding_probe(sd):.3f} (1: a bag of words)")
     if samples:
         from PIL import Image
         from nanocustom.pipeline import image_grid, latents_to_images, to_uint8
@@ -269,6 +379,7 @@ def pretrain(out=DEFAULT_CHECKPOINT, vae_steps=2000, unet_steps=3000, finish_ste
     for module in (sd.unet, sd.vae):  # safetensors stores the standard (NCHW) layout
         module.to(memory_format=torch.contiguous_format)
     recipe = dict(vae_steps=0 if vae_from else vae_steps, vae_batch=vae_batch, vae_lr=vae_lr, mse_weight=mse_weight,
+                  text_steps=0 if init_from else text_steps, text_batch=text_batch, text_lr=text_lr,
                   unet_steps=unet_steps, batch=batch, lr=lr, scenes=scenes, finish_steps=finish_steps,
                   finish_lr=finish_lr, finish_scenes=finish_scenes, pairs=pairs, seed=seed, device=str(device),
                   vae_from=vae_from and Path(vae_from).name, init_from=init_from and Path(init_from).name)
@@ -317,7 +428,8 @@ def diagnose(sd, n_single=12, n_double=8, per_prompt=8, steps=25, guidance=7.5, 
     how many images got it wrong (background, shape, colour, object count), beside the adherence."""
     from nanocustom.pipeline import generate
     single, double = quality_prompts(0, max(n_single, n_double))
-    report = {}
+    report = {"binding probe": binding_probe(sd)}
+    log(f"binding probe: {report['binding probe']:.3f} (1: the text encoder is a bag of words)")
     for name, prompts in (("single", single[:n_single]), ("two-object", double[:n_double])):
         if not prompts:
             continue
@@ -342,6 +454,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="pretrain the shapes model (three stages; see the module docstring)")
     p.add_argument("--out", default=str(DEFAULT_CHECKPOINT))
     p.add_argument("--vae-steps", type=int, default=2000, help="stage 1")
+    p.add_argument("--text-steps", type=int, default=TEXT_STEPS, help="stage 1b, the text encoder (0: skip)")
+    p.add_argument("--text-lr", type=float, default=3e-3)
     p.add_argument("--unet-steps", type=int, default=3000, help="stage 2, SD v1's schedule (0: skip)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3, help="stage 2")
@@ -354,7 +468,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--samples", type=Path, default=None, help="write sample grids here while training")
-    p.add_argument("--vae-from", default=None, help="skip stage 1: take the VAE of this checkpoint")
+    p.add_argument("--vae-from", default=None, help="skip stage 1a: take the VAE of this checkpoint")
     p.add_argument("--init-from", default=None,
                    help="skip stage 1 and continue this checkpoint's UNet and text encoder")
     p.add_argument("--evaluate", action="store_true", help="score the model at --out instead of training it")
@@ -367,7 +481,8 @@ def main(argv=None):
     if not 0 <= args.pairs <= 1:
         p.error(f"--pairs {args.pairs} is a fraction of scenes; give a number in [0, 1]")
     pretrain(args.out, args.vae_steps, args.unet_steps, args.finish_steps, batch=args.batch, lr=args.lr,
-             finish_lr=args.finish_lr, seed=args.seed, threads=args.threads, samples=args.samples, device=args.device,
+             finish_lr=args.finish_lr, text_steps=args.text_steps, text_lr=args.text_lr, seed=args.seed,
+             threads=args.threads, samples=args.samples, device=args.device,
              vae_from=args.vae_from, init_from=args.init_from, scenes=args.scenes, finish_scenes=args.finish_scenes,
              pairs=args.pairs)
 
