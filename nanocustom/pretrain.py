@@ -336,8 +336,9 @@ def pretrain(out=DEFAULT_CHECKPOINT, vae_steps=2000, unet_steps=3000, finish_ste
              threads=None, samples=None, device="cpu", vae_config=None, unet_config=None, mse_weight=1.0,
              vae_from=None, init_from=None, scenes=SCENES, finish_scenes=FINISH_SCENES, pairs=0.5):
     """The three stages of the module docstring, written to `out` in fp16 with the recipe in its metadata.
-    vae_from skips stage 1a (its VAE and latent scale are taken); init_from skips stage 1 and continues that
-    checkpoint's UNet and text encoder; text_steps=0, unet_steps=0 or finish_steps=0 skips stage 1b, 2 or 3."""
+    vae_from skips stage 1 (its VAE and latent scale are taken); init_from skips it too (and 1b) and continues
+    that checkpoint's UNet and text encoder; text_steps > 0 adds stage 1b; unet_steps=0 or finish_steps=0 skips
+    stage 2 or 3."""
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -460,7 +461,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="pretrain the shapes model (three stages; see the module docstring)")
     p.add_argument("--out", default=str(DEFAULT_CHECKPOINT))
     p.add_argument("--vae-steps", type=int, default=2000, help="stage 1")
-    p.add_argument("--text-steps", type=int, default=TEXT_STEPS, help="stage 1b, the text encoder (0: skip)")
+    p.add_argument("--text-steps", type=int, default=TEXT_STEPS,
+                   help="stage 1b, an experiment (README): parse captions, then freeze")
     p.add_argument("--text-lr", type=float, default=3e-3)
     p.add_argument("--unet-steps", type=int, default=3000, help="stage 2, SD v1's schedule (0: skip)")
     p.add_argument("--batch", type=int, default=32)
@@ -474,7 +476,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--samples", type=Path, default=None, help="write sample grids here while training")
-    p.add_argument("--vae-from", default=None, help="skip stage 1a: take the VAE of this checkpoint")
+    p.add_argument("--vae-from", default=None, help="skip stage 1: take the VAE of this checkpoint")
     p.add_argument("--init-from", default=None,
                    help="skip stage 1 and continue this checkpoint's UNet and text encoder")
     p.add_argument("--evaluate", action="store_true", help="score the model at --out instead of training it")
