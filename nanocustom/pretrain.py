@@ -87,6 +87,7 @@ def train_vae(vae, steps, batch, lr, seed, log, mse_weight=1.0):
 # Heads of the caption parse, per object: shape (0 = no object), colour, size, position (0 = unsaid; size 1 + index
 # in toy.SIZES, position 1 + index in toy.SLOTS).
 OBJECT_CLASSES = (1 + len(toy.SHAPES), 1 + len(toy.COLOURS), 1 + len(toy.SIZES), 1 + len(toy.SLOTS))
+SCENE_CLASSES = OBJECT_CLASSES * 2 + (1 + len(toy.BACKGROUNDS),)  # from EOS on: both objects, the background
 POSITION_ENDS = {words.split()[-1] for words in toy.POSITION_WORDS.values()}  # "left", "middle", "right"
 
 
@@ -123,12 +124,10 @@ def parse_targets(captions, length=77):
 
 def parse_loss(logits_object, logits_scene, obj, scene):
     """Cross-entropy of each attribute head, ignoring -1; logits_object [B, T, sum(OBJECT_CLASSES)],
-    logits_scene [B, T, 2 * sum(OBJECT_CLASSES) + 1 + len(BACKGROUNDS)]."""
+    logits_scene [B, T, sum(SCENE_CLASSES)]."""
     loss = 0.0
-    per_object, background = list(OBJECT_CLASSES), 1 + len(toy.BACKGROUNDS)
-    for logits, targets, classes in ((logits_object, obj, per_object),
-                                     (logits_scene, scene, per_object * 2 + [background])):
-        for j, part in enumerate(logits.split(classes, dim=-1)):
+    for logits, targets, classes in ((logits_object, obj, OBJECT_CLASSES), (logits_scene, scene, SCENE_CLASSES)):
+        for j, part in enumerate(logits.split(list(classes), dim=-1)):
             loss = loss + F.cross_entropy(part.flatten(0, 1), targets[..., j].flatten(), ignore_index=-1)
     return loss
 
@@ -148,7 +147,7 @@ def train_text_encoder(text_encoder, tokenizer, steps, batch, lr, seed, log, pai
     device = next(text_encoder.parameters()).device
     width = text_encoder.config.hidden_size
     heads = torch.nn.ModuleDict({"object": torch.nn.Linear(width, sum(OBJECT_CLASSES)),
-                                 "scene": torch.nn.Linear(width, 2 * sum(OBJECT_CLASSES) + 1 + len(toy.BACKGROUNDS))})
+                                 "scene": torch.nn.Linear(width, sum(SCENE_CLASSES))})
     heads.to(device)
     params = list(text_encoder.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
@@ -359,8 +358,8 @@ def pretrain(out=DEFAULT_CHECKPOINT, vae_steps=2000, unet_steps=3000, finish_ste
         sd.vae = train_vae(sd.vae.train(), vae_steps, vae_batch, vae_lr, seed, log, mse_weight)
         sd.latent_scale = measure_latent_scale(sd.vae, seed)
     log(f"latent scale {sd.latent_scale:.4f}")
-    train_text = bool(init_from) or not text_steps  # after stage 1b the text encoder stays frozen
-    if not train_text:
+    parse_text = text_steps > 0 and not init_from  # stage 1b; the text encoder then stays frozen
+    if parse_text:
         log("stage 1b: the text encoder learns to parse captions")
         sd.text_encoder = train_text_encoder(sd.text_encoder, sd.tokenizer, text_steps, text_batch, text_lr, seed, log,
                                              pairs)
@@ -378,11 +377,11 @@ def pretrain(out=DEFAULT_CHECKPOINT, vae_steps=2000, unet_steps=3000, finish_ste
     if unet_steps:
         log("stage 2: SD v1's schedule, eps-prediction")
         sd = train_diffusion(sd, unet_steps, batch, lr, seed, log, samples=samples, scenes=scenes, pairs=pairs,
-                             train_text=train_text)
+                             train_text=not parse_text)
     if finish_steps:  # a new seed: new scenes, captions and noise
         log("stage 3: zero terminal SNR, v-prediction, LossBalance")
         sd = train_diffusion(sd, finish_steps, batch, finish_lr, seed + 1, log, samples=samples, scenes=finish_scenes,
-                             zero_snr=True, pairs=pairs, train_text=train_text)
+                             zero_snr=True, pairs=pairs, train_text=not parse_text)
     for module in (sd.unet, sd.vae):  # safetensors stores the standard (NCHW) layout
         module.to(memory_format=torch.contiguous_format)
     recipe = dict(vae_steps=0 if vae_from else vae_steps, vae_batch=vae_batch, vae_lr=vae_lr, mse_weight=mse_weight,

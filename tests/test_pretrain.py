@@ -68,14 +68,13 @@ def test_the_recipe_is_one_command_of_three_stages(tmp_path):
     from nanocustom.pretrain import UNET_CONFIG, ZERO_SNR
     out = tmp_path / "tiny.safetensors"
     result = subprocess.run([sys.executable, "-m", "nanocustom.pretrain", "--vae-steps", "2", "--text-steps", "2",
-                             "--unet-steps", "2",
-                             "--finish-steps", "2", "--scenes", "16", "--finish-scenes", "8", "--batch", "4",
-                             "--threads", "1", "--out", str(out)],
+                             "--unet-steps", "2", "--finish-steps", "2", "--scenes", "16", "--finish-scenes", "8",
+                             "--batch", "4", "--threads", "1", "--out", str(out)],
                             cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     log = result.stdout
-    assert log.index("vae  step") < log.index("text step") < log.index("encoded 16 scenes") < log.index("unet step") \
-        < log.index("encoded 8 scenes") < log.index("finish step") < log.index("wrote"), log
+    assert log.index("vae  step") < log.index("text step") < log.index("encoded 16 scenes") \
+        < log.index("unet step") < log.index("encoded 8 scenes") < log.index("finish step") < log.index("wrote"), log
     model = load(out)
     assert (model.prediction_type, model.schedule, model.unet.config) == ("v", ZERO_SNR, UNET_CONFIG)
     recipe = model.metadata["recipe"]
