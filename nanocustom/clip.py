@@ -22,12 +22,13 @@ class CLIPTextConfig:
     num_hidden_layers: int = 12
     num_attention_heads: int = 12
     max_position_embeddings: int = 77  # context length: BOS + 75 tokens + EOS
+    causal: bool = True  # CLIP's mask; the shapes model's encoder sees the whole caption (pretrain.TEXT_CONFIG)
 
 
 class CLIPAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.num_heads = config.num_attention_heads
+        self.num_heads, self.causal = config.num_attention_heads, config.causal
         width = config.hidden_size
         self.q_proj = nn.Linear(width, width)
         self.k_proj = nn.Linear(width, width)
@@ -38,7 +39,7 @@ class CLIPAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = (proj(x).view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)  # (B, h, T, hs)
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # each token sees only the ones before it
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # causal: each sees only those before
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
 
 

@@ -1,15 +1,15 @@
 """Pretraining the shapes model: a tiny Stable Diffusion v1, same classes, small configs, on `toy.py`'s world.
 
-Three stages, one command. The first two are Latent Diffusion's (Rombach et al. 2022, §3):
+Three stages and a half, one command. Stages 1 and 2 are Latent Diffusion's (Rombach et al. 2022, §3):
   1. the autoencoder, on images alone: L1 + MSE reconstruction + a tiny KL term (§3.1, "KL-reg."; we drop the
      perceptual and adversarial losses, which a world of flat shapes does not need). MSE matters here: with L1
      alone a small object is a minority of pixels, and the decoder painted it in the background's colour.
-     (1b, off by default, --text-steps: the text encoder alone, taught to parse the captions and then frozen, as
-     SD v1's CLIP is; train_text_encoder says what it did and did not fix);
-  2. the UNet and the text encoder together, on scaled latents of captioned images, under SD v1's schedule with
-     eps-prediction and the DDPM loss L_simple (Ho et al. 2020, Eq. 14; LDM Eq. 2), and 10% empty captions so
-     that classifier-free guidance works (Ho & Salimans 2022, §3.2). SD v1 reuses a frozen CLIP; ours is trained
-     here, since CLIP's weights are too big to ship. Here the model learns to draw the shapes;
+  1b. the text encoder, on captions alone: taught to parse them (train_text_encoder), then frozen, as SD v1's CLIP
+     is. SD v1 reuses CLIP; ours is made here, since CLIP's weights are too big to ship, and made to bind each
+     colour to its own shape, which the diffusion loss alone never taught it (README, "Two objects");
+  2. the UNet, on scaled latents of captioned images, under SD v1's schedule with eps-prediction and the DDPM
+     loss L_simple (Ho et al. 2020, Eq. 14; LDM Eq. 2), and 10% empty captions so that classifier-free guidance
+     works (Ho & Salimans 2022, §3.2). Here the model learns to draw the shapes;
   3. a short finish under zero terminal SNR with v-prediction (Lin et al. 2024, §3.1-3.3) and the loss balanced
      across timesteps (LossBalance). Here the background comes to follow the caption, not the noise (train_diffusion).
 The latent scale is set, as SD's 0.18215 was, to make the latents about unit variance (§4.3.2).
@@ -19,8 +19,9 @@ The latent scale is set, as SD's 0.18215 was, to make the latents about unit var
     python -m nanocustom.pretrain --evaluate            # the quality figures of the README, by toy.py's evaluator
     python -m nanocustom.pretrain --diagnose            # the quick protocol: which attributes go wrong, and how often
     python -m nanocustom.pretrain --vae-from CKPT       # stages 2 and 3 on a trained autoencoder
-    python -m nanocustom.pretrain --init-from CKPT --unet-steps 0 --out /tmp/f.safetensors
+    python -m nanocustom.pretrain --init-from CKPT --text-steps 0 --unet-steps 0 --out /tmp/f.safetensors
                                           # stage 3 alone on a trained checkpoint
+    python -m nanocustom.pretrain --init-from CKPT --unet-steps 0   # a new text encoder (1b), then stage 3
 """
 import argparse
 import copy
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 
 from nanocustom import toy
 from nanocustom.checkpoint import DEFAULT_CHECKPOINT, StableDiffusion, load, new_model, save
-from nanocustom.clip import CLIPTextConfig
+from nanocustom.clip import CLIPTextConfig, CLIPTextModel
 from nanocustom.diffusion import Diffusion
 from nanocustom.unet import UNetConfig
 from nanocustom.vae import VAEConfig
@@ -46,12 +47,15 @@ VAE_CONFIG = VAEConfig(ch=64, ch_mult=(1, 1, 1), num_res_blocks=1)
 # 90-minute CPU budget of the recipe cannot pay.
 UNET_CONFIG = UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(2, 4),
                          num_heads=4, context_dim=64)
-TEXT_CONFIG = CLIPTextConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4)
+# Not CLIP's causal mask: the encoder sees the whole caption, so a colour word can know whose colour it is
+# (train_text_encoder; Imagen's bidirectional T5 encoder binds better than CLIP's, Saharia et al. 2022, §4.4).
+TEXT_CONFIG = CLIPTextConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+                             causal=False)
 P_UNCOND = 0.1  # fraction of captions replaced by "" (classifier-free guidance)
 ZERO_SNR = dict(zero_terminal_snr=True, spacing="trailing")  # stage 3's schedule; see train_diffusion
 SCENES = 24_000  # stage 2's training set, encoded once (0: a fresh render every step)
 FINISH_SCENES = 8_000  # stage 3's
-TEXT_STEPS = 0  # stage 1b's, of 128 captions; off: it binds the text but not the images (README, "Two objects")
+TEXT_STEPS = 600  # stage 1b's, of 128 captions
 
 
 def to_model_images(images):
@@ -99,26 +103,37 @@ def _object_target(o):
             0 if o.position is None else 1 + toy.SLOTS.index(o.position)]
 
 
-def parse_targets(captions, length=77):
-    """Captions -> what stage 1b teaches each token feature to say (-1: nothing), all causally knowable:
-    object [B, length, 4]: at a shape word, that object's shape, colour and size; at the last word of its position
-    ("left"), its position too; scene [B, length, 9]: from EOS on (EOS and the padding, which repeats it), the
-    first object's 4 attributes, the second's (shape 0 when there is none) and the background (0 = unsaid)."""
+def parse_targets(captions, length=77, causal=True):
+    """Captions -> what stage 1b teaches each token feature to say (-1: nothing).
+
+    scene [B, length, 9]: the first object's 4 attributes, the second's (shape 0 when there is none) and the
+    background (0 = unsaid); taught from EOS on (EOS and the padding, which repeats it).
+    object [B, length, 4]: an object's shape, colour, size and position (0 = unsaid). causal=True (CLIP's mask):
+    only what a token can know, so at a shape word the first three and at its position's last word ("left") all
+    four. causal=False (an encoder that sees the whole caption): at every word of the object's phrase, so that no
+    word's feature says a colour without saying whose; every other token (BOS, "photo of", "and", the background's
+    words) is taught the scene."""
     obj, scene = torch.full((len(captions), length, 4), -1), torch.full((len(captions), length, 9), -1)
     for b, text in enumerate(captions):
         said, words = toy.parse_caption(text), text.split()
-        k = 0  # which object the words are about
-        for i, word in enumerate(words):
-            k += word == "and"
-            target = _object_target(said.objects[k])
-            if word in toy.SHAPES:
-                obj[b, 1 + i] = torch.tensor(target[:3] + [-1])  # its position, if said, comes later
-            elif word in POSITION_ENDS:
-                obj[b, 1 + i] = torch.tensor(target)
         second = said.objects[1] if len(said.objects) > 1 else None
         background = 0 if said.background is None else 1 + list(toy.BACKGROUNDS).index(said.background)
-        first = _object_target(said.objects[0])
-        scene[b, len(words) + 1:] = torch.tensor(first + _object_target(second) + [background])
+        whole = torch.tensor(_object_target(said.objects[0]) + _object_target(second) + [background])
+        scene[b, len(words) + 1:] = whole
+        if not causal:
+            scene[b, :len(words) + 1] = whole
+        first = 2 if words[:2] == ["photo", "of"] else 0
+        last = len(words) - 4 if words[-1] == "background" else len(words)  # "on a blue background"
+        k = 0  # which object the words are about
+        for i in range(first, last):
+            k += words[i] == "and"
+            target = _object_target(said.objects[k])
+            if not causal and words[i] != "and":
+                obj[b, 1 + i], scene[b, 1 + i] = torch.tensor(target), -1
+            elif causal and words[i] in toy.SHAPES:
+                obj[b, 1 + i] = torch.tensor(target[:3] + [-1])  # its position, if said, comes later
+            elif causal and words[i] in POSITION_ENDS:
+                obj[b, 1 + i] = torch.tensor(target)
     return obj, scene
 
 
@@ -137,13 +152,14 @@ def train_text_encoder(text_encoder, tokenizer, steps, batch, lr, seed, log, pai
     2021); ours must be made here, and made to *bind*: with the text encoder trained only through the diffusion
     loss (sessions 2-7), a noun's feature hardly depended on its colour word (cosine 0.94-1.00 under swapped colours,
     binding_probe), and two-object prompts failed. So, as CLIP's features say what the caption describes, ours are
-    trained to parse the caption: linear heads read each object's attributes off its shape word's feature (and
-    position word's), and the whole scene off EOS (parse_targets). Captions only, no images: a few minutes on a CPU.
-    The heads are dropped; the encoder is frozen from here on, as SD v1's is.
+    trained to parse the caption: linear heads read each object's attributes off the features of its words, and
+    the whole scene off the other tokens (parse_targets). Captions only, no images: a few minutes on a CPU. The
+    heads are dropped; the encoder is frozen from here on, as SD v1's is.
 
-    Measured (session 8, README "How the recipe came to be"): 600 steps bring the probe from 0.99 to 0.56, but the
-    UNet trained on these features binds no better (two-object adherence 9.4% on the quick protocol, as before)
-    and draws single objects a little worse (80.2% against 87.5%); so it is off by default (TEXT_STEPS = 0)."""
+    Measured (README "How the recipe came to be"): with CLIP's causal mask (session 8) only the shape word can
+    know its colour, and the UNet kept reading the colour words themselves, which cannot say whose colour they are:
+    two-object adherence stayed at 9.4% (quick protocol). Without the mask (TEXT_CONFIG, session 9) every word of
+    an object's phrase is taught the whole object, and the shipped UNet continued on it went to 26.6%."""
     device = next(text_encoder.parameters()).device
     width = text_encoder.config.hidden_size
     heads = torch.nn.ModuleDict({"object": torch.nn.Linear(width, sum(OBJECT_CLASSES)),
@@ -155,7 +171,7 @@ def train_text_encoder(text_encoder, tokenizer, steps, batch, lr, seed, log, pai
     text_encoder.train().requires_grad_(True)
     for step in range(steps):
         captions = [toy.random_caption(toy.random_scene(rng, pair_prob=pairs), rng) for _ in range(batch)]
-        obj, scene = (t.to(device) for t in parse_targets(captions))
+        obj, scene = (t.to(device) for t in parse_targets(captions, causal=text_encoder.config.causal))
         features = text_encoder(tokenizer.encode(captions).to(device))
         loss = parse_loss(heads["object"](features), heads["scene"](features), obj, scene)
         opt.zero_grad(set_to_none=True)
@@ -335,9 +351,10 @@ def pretrain(out=DEFAULT_CHECKPOINT, vae_steps=2000, unet_steps=3000, finish_ste
              threads=None, samples=None, device="cpu", vae_config=None, unet_config=None, mse_weight=1.0,
              vae_from=None, init_from=None, scenes=SCENES, finish_scenes=FINISH_SCENES, pairs=0.5):
     """The three stages of the module docstring, written to `out` in fp16 with the recipe in its metadata.
-    vae_from skips stage 1 (its VAE and latent scale are taken); init_from skips it too (and 1b) and continues
-    that checkpoint's UNet and text encoder; text_steps > 0 adds stage 1b; unet_steps=0 or finish_steps=0 skips
-    stage 2 or 3."""
+    vae_from skips stage 1 (its VAE and latent scale are taken); init_from skips it too and continues that
+    checkpoint's UNet and text encoder; text_steps > 0 runs stage 1b (with init_from: on a fresh text encoder,
+    which replaces the checkpoint's); text_steps=0, unet_steps=0 or finish_steps=0 skips stage 1b, 2 or 3. A
+    parsed text encoder, or a checkpoint's that sees the whole caption, stays frozen in stages 2 and 3."""
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -358,11 +375,12 @@ def pretrain(out=DEFAULT_CHECKPOINT, vae_steps=2000, unet_steps=3000, finish_ste
         sd.vae = train_vae(sd.vae.train(), vae_steps, vae_batch, vae_lr, seed, log, mse_weight)
         sd.latent_scale = measure_latent_scale(sd.vae, seed)
     log(f"latent scale {sd.latent_scale:.4f}")
-    parse_text = text_steps > 0 and not init_from  # stage 1b; the text encoder then stays frozen
-    if parse_text:
+    if text_steps:  # stage 1b, on a fresh encoder
         log("stage 1b: the text encoder learns to parse captions")
-        sd.text_encoder = train_text_encoder(sd.text_encoder, sd.tokenizer, text_steps, text_batch, text_lr, seed, log,
-                                             pairs)
+        torch.manual_seed(seed)
+        sd.text_encoder = train_text_encoder(CLIPTextModel(TEXT_CONFIG).to(device), sd.tokenizer, text_steps,
+                                             text_batch, text_lr, seed, log, pairs)
+    train_text = not text_steps and sd.text_encoder.config.causal  # else frozen from here on, as SD v1's CLIP
     log(f"binding probe {binding_probe(sd):.3f} (1: a bag of words)")
     if samples:
         from PIL import Image
@@ -377,18 +395,19 @@ def pretrain(out=DEFAULT_CHECKPOINT, vae_steps=2000, unet_steps=3000, finish_ste
     if unet_steps:
         log("stage 2: SD v1's schedule, eps-prediction")
         sd = train_diffusion(sd, unet_steps, batch, lr, seed, log, samples=samples, scenes=scenes, pairs=pairs,
-                             train_text=not parse_text)
+                             train_text=train_text)
     if finish_steps:  # a new seed: new scenes, captions and noise
         log("stage 3: zero terminal SNR, v-prediction, LossBalance")
         sd = train_diffusion(sd, finish_steps, batch, finish_lr, seed + 1, log, samples=samples, scenes=finish_scenes,
-                             zero_snr=True, pairs=pairs, train_text=not parse_text)
+                             zero_snr=True, pairs=pairs, train_text=train_text)
     for module in (sd.unet, sd.vae):  # safetensors stores the standard (NCHW) layout
         module.to(memory_format=torch.contiguous_format)
     recipe = dict(vae_steps=0 if vae_from else vae_steps, vae_batch=vae_batch, vae_lr=vae_lr, mse_weight=mse_weight,
-                  text_steps=0 if init_from else text_steps, text_batch=text_batch, text_lr=text_lr,
+                  text_steps=text_steps, text_batch=text_batch, text_lr=text_lr,
                   unet_steps=unet_steps, batch=batch, lr=lr, scenes=scenes, finish_steps=finish_steps,
                   finish_lr=finish_lr, finish_scenes=finish_scenes, pairs=pairs, seed=seed, device=str(device),
-                  vae_from=vae_from and Path(vae_from).name, init_from=init_from and Path(init_from).name)
+                  vae_from=vae_from and Path(vae_from).name, init_from=init_from and Path(init_from).name,
+                  init_recipe=trained.metadata.get("recipe") if init_from else None)  # the provenance, step by step
     save(sd.to("cpu"), out, dtype=torch.float16, recipe=recipe)
     log(f"wrote {out}")
 
@@ -408,9 +427,11 @@ def quality_prompts(seed=0, n=24):
 
 
 @torch.no_grad()
-def evaluate(sd, per_prompt=8, n_prompts=24, steps=50, guidance=7.5, seed=0, log=print):
+def evaluate(sd, per_prompt=8, n_prompts=24, steps=50, guidance=7.5, seed=0, per_concept=64, log=print):
     """Prompt adherence on single- and two-object prompts, and how often the held-out concepts appear
-    unasked (they must not: pretraining never showed them), all scored by toy.py's evaluator."""
+    unasked (they must not: pretraining never showed them) in per_concept samples, half "a {class}", half "photo
+    of a {class}" (64: a resolution of 1.6%, so that one stray image cannot make 5%), all scored by toy.py's
+    evaluator."""
     from nanocustom.pipeline import generate
     single, double = quality_prompts(seed, n_prompts)
     scores = {}
@@ -420,7 +441,7 @@ def evaluate(sd, per_prompt=8, n_prompts=24, steps=50, guidance=7.5, seed=0, log
         scores[name] = float(np.mean(values))
         log(f"{name}: {scores[name]:.3f} over {len(prompts)} prompts x {per_prompt} images")
     for concept, spec in toy.CONCEPTS.items():
-        images = np.concatenate([generate(sd, [p] * per_prompt, steps=steps, guidance=guidance, seed=i,
+        images = np.concatenate([generate(sd, [p] * (per_concept // 2), steps=steps, guidance=guidance, seed=i,
                                           progress=False)
                                  for i, p in enumerate([f"a {spec.shape}", f"photo of a {spec.shape}"])])
         scores[f"{concept} presence, base model"] = toy.concept_presence(images, concept)
@@ -461,7 +482,7 @@ def main(argv=None):
     p.add_argument("--out", default=str(DEFAULT_CHECKPOINT))
     p.add_argument("--vae-steps", type=int, default=2000, help="stage 1")
     p.add_argument("--text-steps", type=int, default=TEXT_STEPS,
-                   help="stage 1b, an experiment (README): parse captions, then freeze")
+                   help="stage 1b: the text encoder learns to parse captions, then stays frozen (0: skip)")
     p.add_argument("--text-lr", type=float, default=3e-3)
     p.add_argument("--unet-steps", type=int, default=3000, help="stage 2, SD v1's schedule (0: skip)")
     p.add_argument("--batch", type=int, default=32)

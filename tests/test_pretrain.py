@@ -44,18 +44,23 @@ def test_diagnose_counts_each_wrong_attribute_of_the_quick_protocol():
 
 def test_init_from_continues_a_trained_unet_and_text_encoder_under_zero_snr(tmp_path):
     """--init-from takes all three parts of a checkpoint; one warm-up step of stage 3 at lr 3e-4 / 200 barely
-    moves them, and the result carries the schedule and prediction type it was trained under."""
+    moves them (the text encoder, which sees the whole caption, not at all: it stays frozen), and the result
+    carries the schedule and prediction type it was trained under, and the recipe of the file it continued."""
     from nanocustom.checkpoint import DEFAULT_CHECKPOINT, load
     from nanocustom.pretrain import ZERO_SNR, pretrain
     out = tmp_path / "continued.safetensors"
-    pretrain(out, unet_steps=0, finish_steps=1, batch=4, finish_scenes=16, init_from=DEFAULT_CHECKPOINT, threads=1)
+    pretrain(out, text_steps=0, unet_steps=0, finish_steps=1, batch=4, finish_scenes=16, init_from=DEFAULT_CHECKPOINT,
+             threads=1)
     source, continued = load(DEFAULT_CHECKPOINT), load(out)
     assert (continued.prediction_type, continued.schedule) == ("v", ZERO_SNR)
     assert continued.latent_scale == source.latent_scale
     for part in ("unet", "text_encoder", "vae"):
         a, b = getattr(source, part).state_dict(), getattr(continued, part).state_dict()
         assert max((a[k] - b[k]).abs().max().item() for k in a) < 2e-2, part  # the trained weights, not a new init
+    text_before, text_after = source.text_encoder.state_dict(), continued.text_encoder.state_dict()
+    assert all(torch.equal(text_before[k], text_after[k]) for k in text_before)
     assert continued.metadata["recipe"]["vae_steps"] == 0  # stage 1 was not run here
+    assert continued.metadata["recipe"]["init_recipe"] == source.metadata["recipe"]
 
 
 def test_the_recipe_is_one_command_of_three_stages(tmp_path):
@@ -65,7 +70,7 @@ def test_the_recipe_is_one_command_of_three_stages(tmp_path):
     import sys
     from pathlib import Path
     from nanocustom.checkpoint import load
-    from nanocustom.pretrain import UNET_CONFIG, ZERO_SNR
+    from nanocustom.pretrain import TEXT_CONFIG, UNET_CONFIG, ZERO_SNR
     out = tmp_path / "tiny.safetensors"
     result = subprocess.run([sys.executable, "-m", "nanocustom.pretrain", "--vae-steps", "2", "--text-steps", "2",
                              "--unet-steps", "2", "--finish-steps", "2", "--scenes", "16", "--finish-scenes", "8",
@@ -77,6 +82,7 @@ def test_the_recipe_is_one_command_of_three_stages(tmp_path):
         < log.index("unet step") < log.index("encoded 8 scenes") < log.index("finish step") < log.index("wrote"), log
     model = load(out)
     assert (model.prediction_type, model.schedule, model.unet.config) == ("v", ZERO_SNR, UNET_CONFIG)
+    assert model.text_encoder.config == TEXT_CONFIG and not TEXT_CONFIG.causal  # it sees the whole caption
     recipe = model.metadata["recipe"]
     assert (recipe["vae_steps"], recipe["text_steps"], recipe["unet_steps"], recipe["finish_steps"]) == (2, 2, 2, 2)
 
@@ -111,6 +117,42 @@ def test_parse_targets_put_each_objects_attributes_on_its_shape_and_position_wor
     assert obj[1, 4].tolist() == [star, unsaid, unsaid, -1] and scene[1, 5].tolist() == [star] + [0] * 8
 
 
+def test_for_an_encoder_that_sees_the_whole_caption_every_word_of_an_object_learns_the_whole_object():
+    """causal=False: each word of an object's phrase ("a", "small", "red", "circle", "on", "the", "left") learns
+    all four of its attributes, so no token says "red" without saying whose; "and", the "photo of" prefix, the
+    background's words, BOS, EOS and the padding learn the whole scene."""
+    from nanocustom import toy
+    from nanocustom.pretrain import parse_targets
+    text = "photo of a small red circle on the left and a green square on a blue background"
+    obj, scene = parse_targets([text], causal=False)
+    circle, red, small, left = 1, 1, 1, 1
+    square, green, unsaid = 2, 1 + list(toy.COLOURS).index("green"), 0
+    first, second = [circle, red, small, left], [square, green, unsaid, unsaid]  # size, position unsaid
+    words = text.split()
+    for i, word in enumerate(words):
+        if 2 <= i <= 8:
+            assert obj[0, 1 + i].tolist() == first and (scene[0, 1 + i] == -1).all(), word
+        elif 10 <= i <= 12:
+            assert obj[0, 1 + i].tolist() == second and (scene[0, 1 + i] == -1).all(), word
+        else:
+            assert (obj[0, 1 + i] == -1).all(), word
+    told = [0, 1 + 0, 1 + 1, 1 + 9] + list(range(1 + 13, 77))  # BOS, "photo of", "and", the background, EOS on
+    blue = 1 + list(toy.BACKGROUNDS).index("blue")
+    assert (scene[0, told] == torch.tensor(first + second + [blue])).all()
+
+
+def test_the_text_encoders_mask_is_a_config_switch():
+    """CLIPTextConfig.causal: with CLIP's mask a token's feature ignores later words; without it, not."""
+    import dataclasses
+    from nanocustom.clip import CLIPTextModel
+    from nanocustom.pretrain import TEXT_CONFIG
+    ids = torch.tensor([[49406, 320, 736, 49407], [49406, 320, 1901, 49407]])  # "a red" / "a green"
+    for causal in (True, False):
+        torch.manual_seed(0)
+        features = CLIPTextModel(dataclasses.replace(TEXT_CONFIG, causal=causal, max_position_embeddings=4))(ids)
+        assert torch.allclose(features[0, :2], features[1, :2], atol=1e-6) == causal
+
+
 def test_after_stage_1b_the_text_encoder_stays_frozen_and_without_it_learns_with_the_unet():
     """train_text=False (after stage 1b, as SD v1's CLIP): only the UNet moves; the default trains both."""
     from nanocustom.checkpoint import load
@@ -125,13 +167,22 @@ def test_after_stage_1b_the_text_encoder_stays_frozen_and_without_it_learns_with
         assert not torch.equal(unet_before, sd.unet.state_dict()["out.2.weight"])
 
 
-def test_the_parse_stage_makes_shape_words_depend_on_their_colour():
-    """Stage 1b on a fresh text encoder, 150 steps: the binding probe falls from about 1 (an untrained encoder,
-    and the shipped one, trained through the diffusion loss only, 0.986) to well below (0.56 after 600 steps)."""
+def test_the_parse_stage_teaches_the_text_encoder_to_parse():
+    """Stage 1b on a fresh text encoder, 150 steps: the parse loss (every attribute head's cross-entropy, about 25
+    at the start) falls below half of where it began (11.6 measured)."""
     from nanocustom.checkpoint import new_model
-    from nanocustom.pretrain import TEXT_CONFIG, UNET_CONFIG, VAE_CONFIG, binding_probe, train_text_encoder
+    from nanocustom.pretrain import TEXT_CONFIG, UNET_CONFIG, VAE_CONFIG, train_text_encoder
     torch.manual_seed(0)
     sd = new_model(UNET_CONFIG, VAE_CONFIG, TEXT_CONFIG, resolution=64)
-    assert binding_probe(sd, n=16) > 0.95
-    train_text_encoder(sd.text_encoder, sd.tokenizer, steps=150, batch=64, lr=3e-3, seed=0, log=lambda _: None)
-    assert binding_probe(sd, n=16) < 0.8
+    lines = []
+    train_text_encoder(sd.text_encoder, sd.tokenizer, steps=150, batch=64, lr=3e-3, seed=0, log=lines.append)
+    losses = [float(line.split()[-1]) for line in lines]
+    assert losses[0] > 20 and losses[-1] < losses[0] / 2, losses
+
+
+def test_the_shipped_text_encoder_binds_colours_to_shapes():
+    """The binding probe of the shipped model: 0.688 for its parsed encoder that sees the whole caption; the
+    encoder trained through the diffusion loss alone (sessions 2 to 8) was a bag of words at 0.986."""
+    from nanocustom.checkpoint import load
+    from nanocustom.pretrain import binding_probe
+    assert binding_probe(load(), n=16) < 0.8

@@ -61,8 +61,8 @@ def test_the_caption_decides_the_background(shapes):
 def test_pretraining_recipe_runs_stage_two_from_a_trained_vae(tmp_path):
     out = tmp_path / "tiny.safetensors"
     result = subprocess.run([sys.executable, "-m", "nanocustom.pretrain", "--vae-from", str(DEFAULT_CHECKPOINT),
-                             "--unet-steps", "2", "--scenes", "64", "--finish-steps", "0", "--batch", "8",
-                             "--out", str(out)],
+                             "--text-steps", "2", "--unet-steps", "2", "--scenes", "64", "--finish-steps", "0",
+                             "--batch", "8", "--out", str(out)],
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "encoded 64 scenes" in result.stdout
