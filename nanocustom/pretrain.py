@@ -3,7 +3,8 @@
 Three stages and a half, one command. Stages 1 and 2 are Latent Diffusion's (Rombach et al. 2022, §3):
   1. the autoencoder, on images alone: L1 + MSE reconstruction + a tiny KL term (§3.1, "KL-reg."; we drop the
      perceptual and adversarial losses, which a world of flat shapes does not need). MSE matters here: with L1
-     alone a small object is a minority of pixels, and the decoder painted it in the background's colour.
+     alone a small object is a minority of pixels, and the decoder painted it in the background's colour. On
+     32 x 32 crops but for the last steps: four times the steps in the time (train_vae);
   1b. the text encoder, on captions alone: taught to parse them (train_text_encoder), then frozen, as SD v1's CLIP
      is. SD v1 reuses CLIP; ours is made here, since CLIP's weights are too big to ship, and made to bind each
      colour to its own shape, which the diffusion loss alone never taught it (README, "Two objects");
@@ -53,9 +54,12 @@ TEXT_CONFIG = CLIPTextConfig(hidden_size=64, intermediate_size=256, num_hidden_l
                              causal=False)
 P_UNCOND = 0.1  # fraction of captions replaced by "" (classifier-free guidance)
 ZERO_SNR = dict(zero_terminal_snr=True, spacing="trailing")  # stage 3's schedule; see train_diffusion
-SCENES = 24_000  # stage 2's training set, encoded once (0: a fresh render every step)
-FINISH_SCENES = 8_000  # stage 3's
+# The one command's steps, sized to 90 minutes on a 2-core CPU (README, "The recipe").
+VAE_STEPS, VAE_CROP, VAE_FULL_STEPS = 2000, 32, 100  # stage 1's, of 8 images: 32 x 32 crops but the last 100
 TEXT_STEPS = 600  # stage 1b's, of 128 captions
+UNET_STEPS, SCENES = 1100, 10_000  # stage 2's, of 32 latents, from SCENES scenes encoded once (0: render afresh)
+FINISH_STEPS, FINISH_SCENES = 1300, 8_000  # stage 3's
+PAIRS = 0.7  # the fraction of scenes with two objects: binding is learnt from them (README, "Two objects")
 
 
 def to_model_images(images):
@@ -63,14 +67,29 @@ def to_model_images(images):
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def train_vae(vae, steps, batch, lr, seed, log, mse_weight=1.0):
-    """Stage 1: L1 (+ mse_weight * MSE) reconstruction of a posterior sample, plus 1e-6 * KL(q(z|x) || N(0, I))."""
+def random_crops(x, side, generator):
+    """A side x side crop of each image [B, C, H, W], at a random place."""
+    tops = torch.randint(0, x.shape[2] - side + 1, (len(x),), generator=generator).tolist()
+    lefts = torch.randint(0, x.shape[3] - side + 1, (len(x),), generator=generator).tolist()
+    return torch.stack([im[:, t:t + side, l:l + side] for im, t, l in zip(x, tops, lefts)])
+
+
+def train_vae(vae, steps, batch, lr, seed, log, mse_weight=1.0, crop=None, full_steps=0):
+    """Stage 1: L1 (+ mse_weight * MSE) reconstruction of a posterior sample, plus 1e-6 * KL(q(z|x) || N(0, I)).
+
+    crop: train on random crop x crop patches, as LDM trains its autoencoders on crops (§4; the networks are
+    convolutional), but for the last full_steps, which see whole images (the mid-block's self-attention then sees
+    the latent size it will work at). A 32 x 32 crop costs a quarter of a 64 x 64 image: 4x the steps in the time."""
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     device = next(vae.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # start from a nearly deterministic posterior (std e^-5): with logvar ~ 0 at init the
         vae.quant_conv.bias[vae.config.embed_dim:] = -10.0  # decoder learns from noisy latents and blurs
     for step in range(steps):
-        x = to_model_images(toy.sample_batch(batch, seed=[seed, 0, step])[0]).to(device)
+        x = to_model_images(toy.sample_batch(batch, seed=[seed, 0, step])[0])
+        if crop and step < steps - full_steps:
+            x = random_crops(x, crop, generator)
+        x = x.to(device)
         mean, logvar = vae.encode(x)
         z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
         kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3)).mean()
@@ -126,13 +145,15 @@ def parse_targets(captions, length=77, causal=True):
         last = len(words) - 4 if words[-1] == "background" else len(words)  # "on a blue background"
         k = 0  # which object the words are about
         for i in range(first, last):
-            k += words[i] == "and"
+            if words[i] == "and":  # the next object's words begin
+                k += 1
+                continue
             target = _object_target(said.objects[k])
-            if not causal and words[i] != "and":
+            if not causal:
                 obj[b, 1 + i], scene[b, 1 + i] = torch.tensor(target), -1
-            elif causal and words[i] in toy.SHAPES:
+            elif words[i] in toy.SHAPES:
                 obj[b, 1 + i] = torch.tensor(target[:3] + [-1])  # its position, if said, comes later
-            elif causal and words[i] in POSITION_ENDS:
+            elif words[i] in POSITION_ENDS:
                 obj[b, 1 + i] = torch.tensor(target)
     return obj, scene
 
@@ -231,7 +252,7 @@ def encode(sd, scenes):
 def encode_scenes(sd, n, seed, log, pairs=0.5, chunk=256):
     """Stage 2's training set: n random scenes, rendered and encoded once. The VAE is frozen by now and its
     encoder at 64x64 costs a third of a CPU training step, so each scene is encoded once and seen ~4 times
-    (3,000 steps x 32 / 24,000), each time under a freshly drawn caption (toy.random_caption).
+    (1,100 steps x 32 / 10,000), each time under a freshly drawn caption (toy.random_caption).
     Returns (scenes, posterior means, stds)."""
     rng = np.random.default_rng([seed, 5])
     scenes = [toy.random_scene(rng, pair_prob=pairs) for _ in range(n)]
@@ -346,11 +367,11 @@ def train_diffusion(sd, steps, batch, lr, seed, log, ema_decay=0.999, samples=No
     return sd
 
 
-def pretrain(out=DEFAULT_CHECKPOINT, vae_steps=2000, unet_steps=3000, finish_steps=1000, vae_batch=8, batch=32,
-             vae_lr=1e-3, lr=1e-3, finish_lr=3e-4, text_steps=TEXT_STEPS, text_batch=128, text_lr=3e-3, seed=0,
-             threads=None, samples=None, device="cpu", vae_config=None, unet_config=None, mse_weight=1.0,
-             vae_from=None, init_from=None, scenes=SCENES, finish_scenes=FINISH_SCENES, pairs=0.5):
-    """The three stages of the module docstring, written to `out` in fp16 with the recipe in its metadata.
+def pretrain(out=DEFAULT_CHECKPOINT, vae_steps=VAE_STEPS, unet_steps=UNET_STEPS, finish_steps=FINISH_STEPS,
+             vae_batch=8, batch=32, vae_lr=1e-3, lr=1e-3, finish_lr=5e-4, text_steps=TEXT_STEPS, text_batch=128,
+             text_lr=3e-3, seed=0, threads=None, samples=None, device="cpu", vae_config=None, unet_config=None,
+             mse_weight=1.0, vae_from=None, init_from=None, scenes=SCENES, finish_scenes=FINISH_SCENES, pairs=PAIRS):
+    """The stages of the module docstring, written to `out` in fp16 with the recipe in its metadata.
     vae_from skips stage 1 (its VAE and latent scale are taken); init_from skips it too and continues that
     checkpoint's UNet and text encoder; text_steps > 0 runs stage 1b (with init_from: on a fresh text encoder,
     which replaces the checkpoint's); text_steps=0, unet_steps=0 or finish_steps=0 skips stage 1b, 2 or 3. A
@@ -374,7 +395,8 @@ def pretrain(out=DEFAULT_CHECKPOINT, vae_steps=2000, unet_steps=3000, finish_ste
     else:
         if device == "cpu":  # NHWC convolutions: 23% off a VAE step on 2 cores (1.28 -> 0.99 s, measured)
             sd.vae.to(memory_format=torch.channels_last)
-        sd.vae = train_vae(sd.vae.train(), vae_steps, vae_batch, vae_lr, seed, log, mse_weight)
+        sd.vae = train_vae(sd.vae.train(), vae_steps, vae_batch, vae_lr, seed, log, mse_weight, crop=VAE_CROP,
+                           full_steps=VAE_FULL_STEPS)
         sd.latent_scale = measure_latent_scale(sd.vae, seed)
     log(f"latent scale {sd.latent_scale:.4f}")
     if text_steps:  # stage 1b, on a fresh encoder
@@ -382,8 +404,11 @@ def pretrain(out=DEFAULT_CHECKPOINT, vae_steps=2000, unet_steps=3000, finish_ste
         torch.manual_seed(seed)
         sd.text_encoder = train_text_encoder(CLIPTextModel(TEXT_CONFIG).to(device), sd.tokenizer, text_steps,
                                              text_batch, text_lr, seed, log, pairs)
-    train_text = not text_steps and sd.text_encoder.config.causal  # else frozen from here on, as SD v1's CLIP
-    log(f"binding probe {binding_probe(sd):.3f} (1: a bag of words)")
+    # A parsed encoder, or a checkpoint's that sees the whole caption, is frozen from here on, as SD v1's CLIP is;
+    # an unparsed one learns with the UNet (the recipe before stage 1b).
+    train_text = not (text_steps or (init_from and not sd.text_encoder.config.causal))
+    log(f"binding probe {binding_probe(sd):.3f} (1: a bag of words); the text encoder "
+        + ("learns with the UNet" if train_text else "stays frozen"))
     if samples:
         from PIL import Image
         from nanocustom.pipeline import image_grid, latents_to_images, to_uint8
@@ -405,6 +430,7 @@ def pretrain(out=DEFAULT_CHECKPOINT, vae_steps=2000, unet_steps=3000, finish_ste
     for module in (sd.unet, sd.vae):  # safetensors stores the standard (NCHW) layout
         module.to(memory_format=torch.contiguous_format)
     recipe = dict(vae_steps=0 if vae_from else vae_steps, vae_batch=vae_batch, vae_lr=vae_lr, mse_weight=mse_weight,
+                  vae_crop=VAE_CROP, vae_full_steps=VAE_FULL_STEPS,
                   text_steps=text_steps, text_batch=text_batch, text_lr=text_lr,
                   unet_steps=unet_steps, batch=batch, lr=lr, scenes=scenes, finish_steps=finish_steps,
                   finish_lr=finish_lr, finish_scenes=finish_scenes, pairs=pairs, seed=seed, device=str(device),
@@ -480,20 +506,20 @@ def diagnose(sd, n_single=12, n_double=8, per_prompt=8, steps=25, guidance=7.5, 
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="pretrain the shapes model (three stages; see the module docstring)")
+    p = argparse.ArgumentParser(description="pretrain the shapes model (stages 1, 1b, 2, 3; see the module docstring)")
     p.add_argument("--out", default=str(DEFAULT_CHECKPOINT))
-    p.add_argument("--vae-steps", type=int, default=2000, help="stage 1")
+    p.add_argument("--vae-steps", type=int, default=VAE_STEPS, help="stage 1")
     p.add_argument("--text-steps", type=int, default=TEXT_STEPS,
                    help="stage 1b: the text encoder learns to parse captions, then stays frozen (0: skip)")
     p.add_argument("--text-lr", type=float, default=3e-3)
-    p.add_argument("--unet-steps", type=int, default=3000, help="stage 2, SD v1's schedule (0: skip)")
+    p.add_argument("--unet-steps", type=int, default=UNET_STEPS, help="stage 2, SD v1's schedule (0: skip)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3, help="stage 2")
     p.add_argument("--scenes", type=int, default=SCENES, help="stage 2's training set, encoded once; 0: render afresh")
-    p.add_argument("--finish-steps", type=int, default=1000, help="stage 3, zero terminal SNR (0: skip)")
-    p.add_argument("--finish-lr", type=float, default=3e-4)
+    p.add_argument("--finish-steps", type=int, default=FINISH_STEPS, help="stage 3, zero terminal SNR (0: skip)")
+    p.add_argument("--finish-lr", type=float, default=5e-4)
     p.add_argument("--finish-scenes", type=int, default=FINISH_SCENES)
-    p.add_argument("--pairs", type=float, default=0.5, help="fraction of scenes with two objects")
+    p.add_argument("--pairs", type=float, default=PAIRS, help="fraction of scenes with two objects")
     p.add_argument("--device", default="cpu", help="cuda trains the same recipe in minutes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

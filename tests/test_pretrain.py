@@ -63,6 +63,16 @@ def test_init_from_continues_a_trained_unet_and_text_encoder_under_zero_snr(tmp_
     assert continued.metadata["recipe"]["init_recipe"] == source.metadata["recipe"]
 
 
+def test_the_text_encoder_trains_with_the_unet_only_when_nothing_parsed_it(tmp_path, capsys):
+    """From scratch with --text-steps 0 the text encoder is a random one: it must learn with the UNet (the recipe
+    before stage 1b), not stay frozen at its random init; after stage 1b it stays frozen."""
+    from nanocustom.pretrain import pretrain
+    for text_steps, says in ((0, "the text encoder learns with the UNet"), (2, "the text encoder stays frozen")):
+        pretrain(tmp_path / "scratch.safetensors", vae_steps=1, text_steps=text_steps, text_batch=4, unet_steps=0,
+                 finish_steps=0, threads=1)
+        assert says in capsys.readouterr().out, text_steps
+
+
 def test_the_recipe_is_one_command_of_three_stages(tmp_path):
     """`python -m nanocustom.pretrain` with every stage cut to two steps: the VAE, the text encoder, stage 2 under
     SD v1's schedule (eps), stage 3 under zero terminal SNR (v), one file at the end whose metadata says so."""
