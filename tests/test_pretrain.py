@@ -63,6 +63,23 @@ def test_init_from_continues_a_trained_unet_and_text_encoder_under_zero_snr(tmp_
     assert continued.metadata["recipe"]["init_recipe"] == source.metadata["recipe"]
 
 
+def test_the_vae_trains_on_random_crops_and_ends_on_whole_images():
+    """random_crops cuts each image's own window; train_vae with crop=32 runs its crop steps, then whole images."""
+    from nanocustom.checkpoint import new_model
+    from nanocustom.pretrain import TEXT_CONFIG, UNET_CONFIG, VAE_CONFIG, random_crops, train_vae
+    x = torch.arange(2 * 3 * 64 * 64, dtype=torch.float32).view(2, 3, 64, 64)
+    crops = random_crops(x, 32, torch.Generator().manual_seed(0))
+    assert crops.shape == (2, 3, 32, 32)
+    for image, crop in zip(x, crops):  # a window of that very image: its top-left value says where
+        top, left = divmod(int(crop[0, 0, 0].item()) % (64 * 64), 64)
+        assert torch.equal(crop, image[:, top:top + 32, left:left + 32])
+    torch.manual_seed(0)
+    vae = new_model(UNET_CONFIG, VAE_CONFIG, TEXT_CONFIG, resolution=64).vae.train()
+    lines = []
+    train_vae(vae, steps=2, batch=2, lr=1e-3, seed=0, log=lines.append, crop=32, full_steps=1)
+    assert len(lines) == 2 and not vae.training
+
+
 def test_the_text_encoder_trains_with_the_unet_only_when_nothing_parsed_it(tmp_path, capsys):
     """From scratch with --text-steps 0 the text encoder is a random one: it must learn with the UNet (the recipe
     before stage 1b), not stay frozen at its random init; after stage 1b it stays frozen."""
