@@ -58,7 +58,7 @@ ZERO_SNR = dict(zero_terminal_snr=True, spacing="trailing")  # stage 3's schedul
 VAE_STEPS, VAE_CROP, VAE_FULL_STEPS = 2000, 32, 100  # stage 1's, of 8 images: 32 x 32 crops but the last 100
 TEXT_STEPS = 600  # stage 1b's, of 128 captions
 UNET_STEPS, SCENES = 1100, 10_000  # stage 2's, of 32 latents, from SCENES scenes encoded once (0: render afresh)
-FINISH_STEPS, FINISH_SCENES = 1300, 8_000  # stage 3's
+FINISH_STEPS, FINISH_SCENES, FINISH_LR = 1300, 8_000, 5e-4  # stage 3's
 PAIRS = 0.7  # the fraction of scenes with two objects: binding is learnt from them (README, "Two objects")
 
 
@@ -368,7 +368,7 @@ def train_diffusion(sd, steps, batch, lr, seed, log, ema_decay=0.999, samples=No
 
 
 def pretrain(out=DEFAULT_CHECKPOINT, vae_steps=VAE_STEPS, unet_steps=UNET_STEPS, finish_steps=FINISH_STEPS,
-             vae_batch=8, batch=32, vae_lr=1e-3, lr=1e-3, finish_lr=5e-4, text_steps=TEXT_STEPS, text_batch=128,
+             vae_batch=8, batch=32, vae_lr=1e-3, lr=1e-3, finish_lr=FINISH_LR, text_steps=TEXT_STEPS, text_batch=128,
              text_lr=3e-3, seed=0, threads=None, samples=None, device="cpu", vae_config=None, unet_config=None,
              mse_weight=1.0, vae_from=None, init_from=None, scenes=SCENES, finish_scenes=FINISH_SCENES, pairs=PAIRS):
     """The stages of the module docstring, written to `out` in fp16 with the recipe in its metadata.
@@ -517,7 +517,7 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1e-3, help="stage 2")
     p.add_argument("--scenes", type=int, default=SCENES, help="stage 2's training set, encoded once; 0: render afresh")
     p.add_argument("--finish-steps", type=int, default=FINISH_STEPS, help="stage 3, zero terminal SNR (0: skip)")
-    p.add_argument("--finish-lr", type=float, default=5e-4)
+    p.add_argument("--finish-lr", type=float, default=FINISH_LR)
     p.add_argument("--finish-scenes", type=int, default=FINISH_SCENES)
     p.add_argument("--pairs", type=float, default=PAIRS, help="fraction of scenes with two objects")
     p.add_argument("--device", default="cpu", help="cuda trains the same recipe in minutes")
