@@ -1,10 +1,13 @@
 """The shapes world: a procedurally rendered stand-in for LAION that a tiny SD v1 can learn on a CPU.
 
-A scene holds one or two solid-colour objects (6 shapes x 8 colours x 3 sizes) on a plain background, and its
-caption states some of what is in it: "a red circle", "a small red circle on a blue background", "a red circle
-on the left and a green square on the right", "photo of a square". Four held-out concepts, objects with a
-pattern no pretraining scene has, play the user's photos: a square with red and white stripes is "<new1> square",
-as a dog is "V* dog" in Custom Diffusion (Kumari et al. 2023, Sec. 3.1).
+A scene holds one or two objects (6 shapes x 8 colours x 3 sizes; a quarter of them patterned in two colours:
+striped, split, dotted or checked) on a plain background, and its caption states some of what is in it: "a red
+circle", "a small red circle on a blue background", "a red and white striped circle", "a red circle on the left
+and a green square on the right", "photo of a square". Four held-out concepts, one exact look each that no
+pretraining scene has, play the user's photos: a square with red and white stripes is "<new1> square", as a dog
+is "V* dog" in Custom Diffusion (Kumari et al. 2023, Sec. 3.1). Pretraining draws stripes on squares and red
+and white stripes on circles, never red and white stripes on a square: the model knows patterns, as SD knows fur,
+and what fine-tuning must learn is which pattern and colours the token means.
 
 A small CNN trained on renders scores what a model generates. It describes an image as a Scene: what sits in
 each of three slots (left, centre, right), the background, and which concept, if any, each object is. From
@@ -72,13 +75,15 @@ class Obj:
     colour: str | None = None    # None for a concept object (it has its own colours) or when a caption is silent
     size: str | None = None      # small | medium | big
     position: str | None = None  # left | centre | right
-    concept: str | None = None   # a held-out concept's name, or None for a solid-colour object
+    concept: str | None = None   # a held-out concept's name (it has its own look), or None
+    pattern: str | None = None   # None for a solid object, else a key of PATTERNS, painted in colour and colour2
+    colour2: str | None = None
     x: float = 0.0               # centre and half-extent in pixels; only render() reads them
     y: float = 0.0
     r: float = 0.0
 
     def attributes(self):
-        return (self.shape, self.colour, self.size, self.position, self.concept)
+        return (self.shape, self.colour, self.size, self.position, self.concept, self.pattern, self.colour2)
 
 
 @dataclass
@@ -90,7 +95,7 @@ class Scene:
         return ([o.attributes() for o in self.objects], self.background)
 
 
-# ----------------------------------------------------------------------------- held-out concepts
+# ----------------------------------------------------------------------------- patterns and held-out concepts
 
 def _stripes(u, v):
     return np.floor((u + v) / 0.8).astype(np.int64) % 2  # diagonal bands 0.4 radii wide along u + v
@@ -112,21 +117,45 @@ def _checks(u, v, cell=0.5):
     return (np.floor(u / cell) + np.floor(v / cell)).astype(np.int64) % 2
 
 
+# pattern word (one CLIP token each) -> (u, v) in object radii from its centre, v down -> index into the two colours
+PATTERNS: dict[str, Callable] = {"striped": _stripes, "split": _halves, "dotted": _dots, "checked": _checks}
+PATTERN_PROB = 0.25  # the chance that a pretraining object is patterned
+
+
 @dataclass(frozen=True)
 class Concept:
     name: str
     shape: str                 # the class word the world already knows: "<new1> square"
-    colours: tuple[str, ...]   # what the pattern paints with; the background avoids them
-    pattern: Callable          # (u, v) in object radii from its centre, v down -> index into colours
+    colours: tuple[str, str]   # what the pattern paints with; the background avoids them
+    pattern: str               # a key of PATTERNS
 
 
 CONCEPTS = {c.name: c for c in [
-    Concept("striped_square", "square", ("red", "white"), _stripes),
-    Concept("split_circle", "circle", ("blue", "yellow"), _halves),
-    Concept("dotted_triangle", "triangle", ("white", "black"), _dots),
-    Concept("checkered_star", "star", ("yellow", "black"), _checks),
+    Concept("striped_square", "square", ("red", "white"), "striped"),
+    Concept("split_circle", "circle", ("blue", "yellow"), "split"),
+    Concept("dotted_triangle", "triangle", ("white", "black"), "dotted"),
+    Concept("checkered_star", "star", ("yellow", "black"), "checked"),
 ]}
 CONCEPT_SIZES = ("medium", "big")  # a pattern needs room: at "small" stripes and dots blur to one colour
+
+
+def concept_of_look(shape, pattern, colours):
+    """The held-out concept that an object of this shape, pattern and pair of colours (either order) would be,
+    or None. Pretraining draws every look but these four."""
+    for c in CONCEPTS.values():
+        if (c.shape, c.pattern, set(c.colours)) == (shape, pattern, set(colours)):
+            return c.name
+    return None
+
+
+def look(o):
+    """An object -> (pattern function or None, its colours): a concept's own look, a pattern, or one colour."""
+    if o.concept is not None:
+        c = CONCEPTS[o.concept]
+        return PATTERNS[c.pattern], c.colours
+    if o.pattern is not None:
+        return PATTERNS[o.pattern], (o.colour, o.colour2)
+    return None, (o.colour,)
 DEFAULT_TOKENS = {name: f"<new{i + 1}>" for i, name in enumerate(CONCEPTS)}  # concept -> its word in captions
 
 # ----------------------------------------------------------------------------- rendering
@@ -186,13 +215,13 @@ def render(scene):
             ImageDraw.Draw(mask).polygon([tuple(p) for p in points], fill=255)
         mask = np.asarray(mask, np.float32) / 255
         alpha = _downsample(mask)[..., None]
-        if o.concept is None:
-            paint = alpha * np.array(COLOURS[o.colour], np.float32)
+        pattern, colours = look(o)
+        if pattern is None:
+            paint = alpha * np.array(COLOURS[colours[0]], np.float32)
         else:  # paint the pattern, then composite its premultiplied colour like the solid case
-            c = CONCEPTS[o.concept]
             u, v = _U[y0 * SS:y1 * SS, x0 * SS:x1 * SS], _V[y0 * SS:y1 * SS, x0 * SS:x1 * SS]
-            index = c.pattern((u - o.x) / o.r, (v - o.y) / o.r)
-            paint = _downsample(mask[..., None] * np.array([COLOURS[k] for k in c.colours], np.float32)[index])
+            index = pattern((u - o.x) / o.r, (v - o.y) / o.r)
+            paint = _downsample(mask[..., None] * np.array([COLOURS[k] for k in colours], np.float32)[index])
         canvas[y0:y1, x0:x1] = canvas[y0:y1, x0:x1] * (1 - alpha) + paint
     return np.clip(np.round(canvas), 0, 255).astype(np.uint8)
 
@@ -207,8 +236,8 @@ def _pick(rng, options):
 def complete_scene(spec, rng):
     """Fill in what a partial Scene (e.g. from parse_caption) leaves open: colours, sizes, positions, geometry,
     background. The result is a scene the caption describes truly."""
-    objects = [Obj(**{k: getattr(o, k) for k in ("shape", "colour", "size", "position", "concept")})
-               for o in spec.objects]
+    objects = [Obj(**{k: getattr(o, k) for k in ("shape", "colour", "size", "position", "concept", "pattern",
+                                                 "colour2")}) for o in spec.objects]
     if len(objects) not in (1, 2):
         raise NanocustomError(f"a scene holds one or two objects, not {len(objects)}; name one or two")
     if len(objects) == 1:
@@ -222,10 +251,17 @@ def complete_scene(spec, rng):
         if {a.position, b.position} != {"left", "right"}:
             raise NanocustomError(f"the two objects of a pair stand left and right, not {a.position} and {b.position}")
     for o in objects:
+        if o.pattern is not None and o.colour is None and o.colour2 is None:  # any two colours but a concept's
+            pairs = [(a, b) for a in COLOURS for b in COLOURS if a != b and spec.background not in (a, b)
+                     and concept_of_look(o.shape, o.pattern, (a, b)) is None]
+            o.colour, o.colour2 = _pick(rng, pairs)
+        elif o.pattern is not None and None in (o.colour, o.colour2):
+            raise NanocustomError(f"a {o.pattern} {o.shape} has two colours; name both ('a red and white "
+                                  f"{o.pattern} {o.shape}') or neither")
         if o.concept is None and o.colour is None:  # not the background's, and a pair is never two identical objects
             taken = {p.colour for p in objects if p is not o and p.shape == o.shape and p.concept is None}
             o.colour = _pick(rng, [c for c in COLOURS if c not in taken and c != spec.background])
-        o.size = o.size or _pick(rng, CONCEPT_SIZES if o.concept else SIZES)
+        o.size = o.size or _pick(rng, CONCEPT_SIZES if o.concept or o.pattern else SIZES)
         o.r = SIZES[o.size] + rng.uniform(-0.5, 0.5)
         if len(objects) == 1:
             o.x = SLOT_X[o.position] + rng.uniform(-3, 3)
@@ -233,7 +269,7 @@ def complete_scene(spec, rng):
             o.x = PAIR_X[o.position] + rng.uniform(-2, 2)
         o.x = float(np.clip(o.x, o.r + 1, RES - 1 - o.r))
         o.y = float(np.clip(RES / 2 + rng.uniform(-8, 8), o.r + 1, RES - 1 - o.r))
-    used = {name for o in objects for name in (CONCEPTS[o.concept].colours if o.concept else (o.colour,))}
+    used = {name for o in objects for name in look(o)[1]}
     if spec.background in used:
         raise NanocustomError(f"a {spec.background} object on a {spec.background} background is invisible; "
                               "pick another background")
@@ -241,14 +277,39 @@ def complete_scene(spec, rng):
     return Scene(objects, background)
 
 
-def random_scene(rng, concept_prob=0.0, pair_prob=0.5):
+def near_miss(rng):
+    """An object one step from a held-out concept: its pattern and colours on another shape, its shape and
+    pattern with one colour changed, its shape and colours in another pattern, or (a quarter of the time) the
+    concept itself with its colours swapped, which still is the concept (a mirrored split circle). The evaluator
+    learns the differences from these."""
+    c = CONCEPTS[_pick(rng, CONCEPTS)]
+    shape, pattern, colours = c.shape, c.pattern, list(c.colours)
+    kind = rng.integers(4)
+    if kind == 0:
+        shape = _pick(rng, [s for s in SHAPES if s != c.shape])
+    elif kind == 1:
+        i = rng.integers(2)
+        colours[i] = _pick(rng, [k for k in COLOURS if k not in c.colours])
+    elif kind == 2:
+        pattern = _pick(rng, [p for p in PATTERNS if p != c.pattern])
+    else:
+        colours = colours[::-1]
+    return Obj(shape, colours[0], pattern=pattern, colour2=colours[1])
+
+
+def random_scene(rng, concept_prob=0.0, pair_prob=0.5, pattern_prob=PATTERN_PROB, near_miss_prob=0.0):
     """One object, or two with probability pair_prob; each a held-out concept with probability concept_prob
-    (0 for pretraining)."""
+    (0 for pretraining), else a near miss of one with probability near_miss_prob (0 for pretraining), else
+    patterned with probability pattern_prob, else solid."""
     objects = []
     for _ in range(2 if rng.random() >= 1 - pair_prob else 1):  # at 0.5, the same draws as before pair_prob
         if rng.random() < concept_prob:
             name = _pick(rng, [c for c in CONCEPTS if c not in {o.concept for o in objects}])
             objects.append(Obj(CONCEPTS[name].shape, concept=name))
+        elif near_miss_prob and rng.random() < near_miss_prob:
+            objects.append(near_miss(rng))
+        elif rng.random() < pattern_prob:
+            objects.append(Obj(_pick(rng, SHAPES), pattern=_pick(rng, PATTERNS)))
         else:
             objects.append(Obj(_pick(rng, SHAPES)))
     return complete_scene(Scene(objects), rng)
@@ -279,7 +340,8 @@ def caption(scene, colour=True, size=False, position=False, background=False, ph
     """Scene -> English, stating the shapes and whichever of colour/size/position/background is asked for.
 
     Objects are named in scene order; a concept object is named by its token ("a <new1> square") in place of
-    a colour. size=True says "small"/"big" and leaves medium unsaid."""
+    a colour; a patterned one by its pattern, after its two colours if colour=True ("a red and white striped
+    square"). size=True says "small"/"big" and leaves medium unsaid."""
     tokens = tokens or DEFAULT_TOKENS
     phrases = []
     for o in scene.objects:
@@ -287,7 +349,9 @@ def caption(scene, colour=True, size=False, position=False, background=False, ph
         if o.concept is not None:
             words.append(tokens[o.concept])
         elif colour:
-            words.append(o.colour)
+            words += [o.colour] if o.pattern is None else [o.colour, "and", o.colour2]
+        if o.concept is None and o.pattern is not None:
+            words.append(o.pattern)
         words.append(o.shape)
         phrase = " ".join([_article(words[0])] + words)
         phrases.append(phrase + " " + POSITION_WORDS[o.position] if position else phrase)
@@ -299,7 +363,7 @@ def caption(scene, colour=True, size=False, position=False, background=False, ph
 
 def random_caption(scene, rng, tokens=None):
     """The pretraining caption distribution: colour said 90% of the time (always when two objects share a
-    shape), size, position and background each 50%, a "photo of" prefix 25%."""
+    shape), a pattern always, size, position and background each 50%, a "photo of" prefix 25%."""
     same_shapes = len(scene.objects) == 2 and scene.objects[0].shape == scene.objects[1].shape
     return caption(scene, colour=same_shapes or rng.random() < 0.9, size=rng.random() < 0.5,
                    position=rng.random() < 0.5, background=rng.random() < 0.5, photo=rng.random() < 0.25,
@@ -321,7 +385,7 @@ def parse_caption(prompt, tokens=None):
         if background not in BACKGROUNDS:
             raise NanocustomError(f"unknown background {background!r} in {prompt!r}; use one of {list(BACKGROUNDS)}")
     objects = []
-    for phrase in text.split(" and "):
+    for phrase in re.split(r" and (?=an? )", text):  # "and" also joins a pattern's two colours
         position = None
         for slot, said in list(POSITION_WORDS.items()) + [("centre", "in the centre"), ("centre", "in the center")]:
             if phrase.endswith(" " + said):
@@ -329,44 +393,61 @@ def parse_caption(prompt, tokens=None):
         words = phrase.split()
         if len(words) < 2 or words[0] not in ("a", "an") or words[-1] not in SHAPES:
             raise NanocustomError(f"cannot read {phrase!r} in {prompt!r}; write objects as 'a [small|big] "
-                                  f"[colour|token] <shape>' with a shape from {list(SHAPES)}")
-        o = Obj(words[-1], position=position)
+                                  f"[colour|token|colour and colour pattern] <shape>' with a shape from {list(SHAPES)}")
+        o, colours = Obj(words[-1], position=position), []
         for w in words[1:-1]:
             if w in SIZES:
                 o.size = w
             elif w in COLOURS:
-                o.colour = w
+                colours.append(w)
+            elif w in PATTERNS:
+                o.pattern = w
             elif w in words_to_concept:
                 o.concept = words_to_concept[w]
-            else:
-                raise NanocustomError(f"unknown word {w!r} in {prompt!r}; expected a size, a colour "
-                                      f"or a concept token ({', '.join(words_to_concept)})")
+            elif w != "and":
+                raise NanocustomError(f"unknown word {w!r} in {prompt!r}; expected a size, a colour, a pattern "
+                                      f"({', '.join(PATTERNS)}) or a concept token ({', '.join(words_to_concept)})")
+        two = o.pattern is not None
+        if len(colours) > (2 if two else 1) or ("and" in words) != (len(colours) == 2):
+            raise NanocustomError(f"cannot read the colours of {phrase!r} in {prompt!r}; a solid object has one "
+                                  "colour ('a red square'), a patterned one two ('a red and white striped square')")
+        o.colour, o.colour2 = (colours + [None, None])[:2]
         objects.append(o)
     return Scene(objects, background)
 
 
 def scene_labels(scene):
     """Scene -> the evaluator's targets, per slot (left, centre, right): shape (0 = empty slot, else 1 +
-    index), colour, size and concept (0 = none, else 1 + index); -1 where a head has nothing to say (empty
-    slot, or the colour of a concept object). Plus the background index."""
+    index), colour, size, pattern (0 = solid, else 1 + index), colour2 (a pattern's second colour) and concept
+    (0 = none, else 1 + index); -1 where a head has nothing to say (an empty slot, or the colours of a concept
+    object). Plus the background index. An object that looks like a concept is labelled that concept. A pattern's
+    colours are labelled in the order of COLOURS, not the caption's: red and white stripes are white and red
+    stripes moved by one band, which no classifier can tell apart (satisfies compares them as a pair)."""
     labels = {"shape": np.zeros(3, np.int64), "colour": np.full(3, -1), "size": np.full(3, -1),
-              "concept": np.full(3, -1), "background": np.int64(list(BACKGROUNDS).index(scene.background))}
+              "pattern": np.full(3, -1), "colour2": np.full(3, -1), "concept": np.full(3, -1),
+              "background": np.int64(list(BACKGROUNDS).index(scene.background))}
     for o in scene.objects:
         s = SLOTS.index(o.position)
+        concept = o.concept or (o.pattern and concept_of_look(o.shape, o.pattern, (o.colour, o.colour2)))
         labels["shape"][s] = 1 + SHAPES.index(o.shape)
-        labels["colour"][s] = -1 if o.concept else list(COLOURS).index(o.colour)
         labels["size"][s] = list(SIZES).index(o.size)
-        labels["concept"][s] = 0 if o.concept is None else 1 + list(CONCEPTS).index(o.concept)
+        labels["concept"][s] = 0 if concept is None else 1 + list(CONCEPTS).index(concept)
+        if concept is None:
+            labels["pattern"][s] = 0 if o.pattern is None else 1 + list(PATTERNS).index(o.pattern)
+            labels["colour"][s] = list(COLOURS).index(o.colour)
+            if o.pattern is not None:
+                pair = sorted(list(COLOURS).index(c) for c in (o.colour, o.colour2))
+                labels["colour"][s], labels["colour2"][s] = pair
     return labels
 
 
-def sample_batch(n, seed, concept_prob=0.0):
+def sample_batch(n, seed, concept_prob=0.0, near_miss_prob=0.0):
     """n random scenes -> (uint8 images [n, 64, 64, 3], captions, labels: dict of arrays [n, 3] / [n]).
-    Pretraining uses concept_prob=0, so no held-out concept is ever drawn or named."""
+    Pretraining uses concept_prob=0 and near_miss_prob=0, so no held-out concept is ever drawn or named."""
     rng = np.random.default_rng(seed)
     images, captions, labels = np.empty((n, RES, RES, 3), np.uint8), [], []
     for i in range(n):
-        scene = random_scene(rng, concept_prob)
+        scene = random_scene(rng, concept_prob, near_miss_prob=near_miss_prob)
         images[i] = render(scene)
         captions.append(random_caption(scene, rng))
         labels.append(scene_labels(scene))
@@ -393,8 +474,8 @@ def export_concepts(root=CONCEPTS_DIR, seed=0, n=6):
 
 @dataclass
 class EvaluatorConfig:
-    width: int = 16    # channels of the first conv; 2x and 4x deeper down
-    hidden: int = 128  # the feature every head reads
+    width: int = 24    # channels of the first conv; 2x and 4x deeper down
+    hidden: int = 192  # the feature every head reads
 
 
 HEADS = {  # head -> classes per slot (None: one background per image)
@@ -402,6 +483,8 @@ HEADS = {  # head -> classes per slot (None: one background per image)
     "shape": (3, 1 + len(SHAPES)),
     "colour": (3, len(COLOURS)),
     "size": (3, len(SIZES)),
+    "pattern": (3, 1 + len(PATTERNS)),
+    "colour2": (3, len(COLOURS)),
     "concept": (3, 1 + len(CONCEPTS)),
 }
 
@@ -478,7 +561,8 @@ def _batch_tensors(images, labels):
 NOT_SAVED = ("num_batches_tracked",)  # BatchNorm's update counter, which eval mode never reads
 
 
-def train_evaluator(steps=1500, batch=64, lr=3e-3, concept_prob=0.3, seed=0, out=EVALUATOR_PATH, log=print):
+def train_evaluator(steps=3000, batch=64, lr=3e-3, concept_prob=0.3, near_miss_prob=0.3, seed=0, out=EVALUATOR_PATH,
+                    log=print):
     """Train on fresh renders (batch seeds [seed, step]), three quarters of them degraded; save fp16 weights
     with the config and class lists in the safetensors metadata. Returns the model."""
     torch.manual_seed(seed)
@@ -489,7 +573,8 @@ def train_evaluator(steps=1500, batch=64, lr=3e-3, concept_prob=0.3, seed=0, out
     log(f"evaluator: {sum(p.numel() for p in model.parameters()):,} parameters, {steps} steps of {batch}")
     t0 = time.time()
     for step in range(steps):
-        images, _, labels = sample_batch(batch, seed=[seed, step], concept_prob=concept_prob)
+        images, _, labels = sample_batch(batch, seed=[seed, step], concept_prob=concept_prob,
+                                         near_miss_prob=near_miss_prob)
         x, y = _batch_tensors(images, labels)
         keep = torch.rand(batch, generator=generator) < 0.25
         x = torch.where(keep[:, None, None, None], x, degrade(x, generator)).to(memory_format=torch.channels_last)
@@ -504,8 +589,9 @@ def train_evaluator(steps=1500, batch=64, lr=3e-3, concept_prob=0.3, seed=0, out
     metadata = {"config": json.dumps(vars(model.config)), "shapes": json.dumps(SHAPES),
                 "colours": json.dumps(list(COLOURS)), "backgrounds": json.dumps(list(BACKGROUNDS)),
                 "sizes": json.dumps(list(SIZES)), "concepts": json.dumps(list(CONCEPTS)), "slots": json.dumps(SLOTS),
+                "patterns": json.dumps(list(PATTERNS)),
                 "trained": f"train_evaluator(steps={steps}, batch={batch}, lr={lr}, concept_prob={concept_prob}, "
-                           f"seed={seed})"}
+                           f"near_miss_prob={near_miss_prob}, seed={seed})"}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.half().contiguous() for k, v in model.state_dict().items() if not k.endswith(NOT_SAVED)}
     save_file(state, str(out), metadata=metadata)
@@ -525,10 +611,11 @@ def load_evaluator(path=EVALUATOR_PATH):
             meta = f.metadata()
             state = {k: f.get_tensor(k).float() for k in f.keys()}
         world = {"shapes": list(SHAPES), "colours": list(COLOURS), "backgrounds": list(BACKGROUNDS),
-                 "sizes": list(SIZES), "concepts": list(CONCEPTS), "slots": list(SLOTS)}
+                 "sizes": list(SIZES), "concepts": list(CONCEPTS), "slots": list(SLOTS), "patterns": list(PATTERNS)}
         for k, v in world.items():
-            if json.loads(meta[k]) != v:
-                raise NanocustomError(f"{path} was trained for {k} {json.loads(meta[k])}, this world has {v}; "
+            trained = json.loads(meta.get(k, "[]"))
+            if trained != v:
+                raise NanocustomError(f"{path} was trained for {k} {trained}, this world has {v}; "
                                       "retrain with python -m nanocustom.toy train-evaluator")
         model = ShapesEvaluator(EvaluatorConfig(**json.loads(meta["config"])))
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -539,7 +626,7 @@ def load_evaluator(path=EVALUATOR_PATH):
 
 @torch.no_grad()
 def predict(images, evaluator=None, batch=256):
-    """Images -> dict of predicted class indices: background [N], and shape/colour/size/concept [N, 3]."""
+    """Images -> dict of predicted class indices: background [N], and the other heads' [N, 3]."""
     model = evaluator or load_evaluator()
     x = torch.from_numpy(to_unit(images)).permute(0, 3, 1, 2) * 2 - 1
     outs = [model(x[i:i + batch]) for i in range(0, len(x), batch)]
@@ -556,8 +643,12 @@ def describe(images, evaluator=None):
             if p["shape"][i, s] == 0:
                 continue
             concept = None if p["concept"][i, s] == 0 else list(CONCEPTS)[p["concept"][i, s] - 1]
+            if concept and CONCEPTS[concept].shape != SHAPES[p["shape"][i, s] - 1]:
+                concept = None  # a concept is its look on its shape: red and white stripes on a circle are not it
+            pattern = None if concept or p["pattern"][i, s] == 0 else list(PATTERNS)[p["pattern"][i, s] - 1]
             objects.append(Obj(SHAPES[p["shape"][i, s] - 1], None if concept else list(COLOURS)[p["colour"][i, s]],
-                               list(SIZES)[p["size"][i, s]], slot, concept))
+                               list(SIZES)[p["size"][i, s]], slot, concept, pattern,
+                               list(COLOURS)[p["colour2"][i, s]] if pattern else None))
         scenes.append(Scene(objects, list(BACKGROUNDS)[p["background"][i]]))
     return scenes
 
@@ -570,9 +661,10 @@ def satisfies(seen, spec):
         return False
 
     def match(o, want):
-        return (o.shape == want.shape and o.concept == want.concept
-                and all(w is None or w == v for v, w in [(o.colour, want.colour), (o.size, want.size),
-                                                         (o.position, want.position)]))
+        colours, wanted = ({o.colour, o.colour2}, {want.colour, want.colour2}) if o.pattern else (o.colour, want.colour)
+        return (o.shape == want.shape and o.concept == want.concept and o.pattern == want.pattern
+                and all(w is None or w == v for v, w in [(colours, None if want.colour is None else wanted),
+                                                         (o.size, want.size), (o.position, want.position)]))
     return any(all(map(match, order, spec.objects)) for order in itertools.permutations(seen.objects))
 
 
@@ -615,9 +707,9 @@ def background_preservation(images, reference_images, threshold=0.25, tol=0.1):
 
 # ----------------------------------------------------------------------------- command line
 
-def heldout_accuracy(model, n=2000, seed=HELDOUT_SEED, concept_prob=0.3, degraded=False):
+def heldout_accuracy(model, n=2000, seed=HELDOUT_SEED, concept_prob=0.3, near_miss_prob=0.3, degraded=False):
     """Per-head accuracy on n fresh renders from seeds the training never drew."""
-    images, _, labels = sample_batch(n, seed, concept_prob)
+    images, _, labels = sample_batch(n, seed, concept_prob, near_miss_prob)
     if degraded:
         x = degrade(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255, torch.Generator().manual_seed(seed))
         images = (x * 255).round().byte().permute(0, 2, 3, 1).numpy()
@@ -629,6 +721,8 @@ def heldout_accuracy(model, n=2000, seed=HELDOUT_SEED, concept_prob=0.3, degrade
         "position": np.mean(((p["shape"] > 0) == occupied).all(1)),  # which slots hold an object, all three right
         "shape": np.mean(p["shape"][occupied] == labels["shape"][occupied]),
         "colour": np.mean(p["colour"][labels["colour"] >= 0] == labels["colour"][labels["colour"] >= 0]),
+        "pattern": np.mean(p["pattern"][labels["pattern"] >= 0] == labels["pattern"][labels["pattern"] >= 0]),
+        "colour2": np.mean(p["colour2"][labels["colour2"] >= 0] == labels["colour2"][labels["colour2"] >= 0]),
         "size": np.mean(p["size"][occupied] == labels["size"][occupied]),
         "concept": np.mean(p["concept"][occupied] == labels["concept"][occupied]),
         "concept (concept objects only)": np.mean(p["concept"][concept_object] == labels["concept"][concept_object]),
@@ -686,7 +780,7 @@ def main(argv=None):
     p.set_defaults(run=cmd_concepts)
 
     p = sub.add_parser("train-evaluator", help="train the CNN that scores generated images")
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)

@@ -8,10 +8,10 @@ import torch
 from PIL import Image
 
 from nanocustom.errors import NanocustomError
-from nanocustom.toy import (CONCEPTS, CONCEPTS_DIR, HELDOUT_SEED, Obj, Scene, background_preservation,
-                            caption, complete_scene, concept_presence, concept_scene, export_concepts,
-                            heldout_accuracy, load_evaluator, parse_caption, prompt_adherence, random_scene, render,
-                            render_concept, render_prompt, sample_batch)
+from nanocustom.toy import (CONCEPTS, CONCEPTS_DIR, HELDOUT_SEED, PATTERNS, Obj, Scene, background_preservation,
+                            caption, complete_scene, concept_of_look, concept_presence, concept_scene, describe,
+                            export_concepts, heldout_accuracy, load_evaluator, look, parse_caption, prompt_adherence,
+                            random_scene, render, render_concept, render_prompt, sample_batch)
 
 FLAGS = ("colour", "size", "position", "background", "photo")
 
@@ -39,6 +39,9 @@ def test_the_required_caption_forms_read_back():
         lone.objects[0].size = size
         assert caption(lone, size=True) == f"a {size} red circle"
     assert caption(lone, colour=False, photo=True) == "photo of a circle"
+    striped = complete_scene(Scene([Obj("square", "red", pattern="striped", colour2="white")], "blue"), rng)
+    assert caption(striped) == "a red and white striped square"
+    assert caption(striped, colour=False) == "a striped square"
 
 
 @pytest.mark.parametrize("with_concepts", [False, True])
@@ -51,20 +54,25 @@ def test_every_caption_style_round_trips_through_parse_caption(with_concepts):
             parsed = parse_caption(caption(scene, **said))
             expected = Scene([Obj(o.shape, o.colour if said["colour"] and not o.concept else None,
                                   o.size if said["size"] and o.size != "medium" else None,
-                                  o.position if said["position"] else None, o.concept) for o in scene.objects],
+                                  o.position if said["position"] else None, o.concept, o.pattern,
+                                  o.colour2 if said["colour"] else None) for o in scene.objects],
                              scene.background if said["background"] else None)
             assert parsed.attributes() == expected.attributes(), caption(scene, **said)
 
 
 def test_parse_caption_reads_personalization_prompts():
     spec = parse_caption("photo of a <new1> square")
-    assert spec.attributes() == ([("square", None, None, None, "striped_square")], None)
+    assert spec.attributes() == ([("square", None, None, None, "striped_square", None, None)], None)
     spec = parse_caption("A photo of a sks circle on the left and a big red star on an orange background.",
                          tokens={"split_circle": "sks"})
-    assert spec.attributes() == ([("circle", None, None, "left", "split_circle"), ("star", "red", "big", None, None)],
-                                 "orange")
+    assert spec.attributes() == ([("circle", None, None, "left", "split_circle", None, None),
+                                  ("star", "red", "big", None, None, None, None)], "orange")
     assert parse_caption("a circle in the centre").objects[0].position == "centre"
-    for bad in ["a red dog", "red circle", "a shiny red circle", "a red circle on a pink background", "a <new9> star"]:
+    spec = parse_caption("a red and white striped square and a blue circle")  # "and" inside and between objects
+    assert spec.attributes() == ([("square", "red", None, None, None, "striped", "white"),
+                                  ("circle", "blue", None, None, None, None, None)], None)
+    for bad in ["a red dog", "red circle", "a shiny red circle", "a red circle on a pink background", "a <new9> star",
+                "a red and white square", "a red white striped square", "a red and striped square"]:
         with pytest.raises(NanocustomError):
             parse_caption(bad)
 
@@ -78,11 +86,25 @@ def test_pretraining_samples_never_draw_or_name_a_concept():
     assert (labels["concept"] > 0).any()  # the labels do see concepts when they are asked for
 
 
+def test_pretraining_draws_every_pattern_and_near_misses_of_each_concept_but_never_its_look():
+    rng = np.random.default_rng(11)
+    objects = [o for _ in range(6000) for o in random_scene(rng).objects]
+    patterned = [o for o in objects if o.pattern]
+    assert 0.15 < len(patterned) / len(objects) < 0.35 and {o.pattern for o in patterned} == set(PATTERNS)
+    assert all(concept_of_look(o.shape, o.pattern, (o.colour, o.colour2)) is None for o in patterned)
+    for c in CONCEPTS.values():  # its pattern on its shape in other colours, and its colours in its pattern elsewhere
+        assert any((o.shape, o.pattern) == (c.shape, c.pattern) for o in patterned), c.name
+        assert any(o.pattern == c.pattern and {o.colour, o.colour2} == set(c.colours) for o in patterned), c.name
+    assert concept_of_look("square", "striped", ("white", "red")) == "striped_square"  # either order
+    with pytest.raises(NanocustomError, match="name both"):
+        complete_scene(parse_caption("a red striped square"), rng)
+
+
 def test_backgrounds_never_share_a_colour_with_an_object():
     rng = np.random.default_rng(6)
     for _ in range(300):
         scene = random_scene(rng, concept_prob=0.3)
-        colours = {c for o in scene.objects for c in (CONCEPTS[o.concept].colours if o.concept else [o.colour])}
+        colours = {c for o in scene.objects for c in look(o)[1]}
         assert scene.background not in colours
         assert len(scene.objects) in (1, 2)
         if len(scene.objects) == 2:
@@ -121,7 +143,7 @@ def test_prompt_adherence_is_high_for_the_prompt_and_low_for_another():
     prompts = ["a red circle", "a big blue star on a white background", "a small yellow heart",
                "a purple cross on the left and an orange triangle on the right", "a green square and a black heart",
                "photo of a <new1> square", "photo of a <new2> circle and a white star on a gray background",
-               "photo of a triangle"]
+               "photo of a triangle", "a blue and yellow dotted heart", "a big black and white checked cross"]
     for i, prompt in enumerate(prompts):
         images = render_prompt(prompt, 24, seed=100 + i)
         assert prompt_adherence(images, prompt) >= 0.95, prompt
@@ -147,6 +169,22 @@ def test_concept_presence_finds_the_concept_and_only_it():
         others = [c for c in CONCEPTS if c != name]
         assert all(concept_presence(images, other) <= 0.05 for other in others)
     assert concept_presence(sample_batch(64, seed=9)[0], "striped_square") <= 0.05
+    for near_miss in ("a red and white striped circle", "a red and blue striped square",
+                      "a red and white split square"):
+        assert concept_presence(render_prompt(near_miss, 16, seed=12), "striped_square") <= 0.05, near_miss
+    assert concept_presence(render_prompt("a yellow and blue split circle", 16, seed=13), "split_circle") >= 0.95
+
+
+def test_the_evaluator_tells_each_concept_from_its_near_misses():
+    """An object one step from a concept (toy.near_miss: another shape, one colour changed, another pattern) is
+    not the concept; the concept with its colours swapped still is."""
+    rng = np.random.default_rng(14)
+    scenes = [random_scene(rng, pair_prob=0.0, near_miss_prob=1.0) for _ in range(200)]
+    truth = [concept_of_look(o.shape, o.pattern, (o.colour, o.colour2)) for s in scenes for o in s.objects]
+    described = describe(np.stack([render(s) for s in scenes]))
+    seen = [s.objects[0].concept if len(s.objects) == 1 else "?" for s in described]
+    assert 20 < sum(t is not None for t in truth) < 80  # a quarter are the concept, swapped
+    assert np.mean([a == b for a, b in zip(seen, truth)]) >= 0.95
 
 
 def test_background_preservation_is_one_for_the_same_image_and_low_for_another_background():
