@@ -22,7 +22,7 @@ The latent scale is set, as SD's 0.18215 was, to make the latents about unit var
     python -m nanocustom.pretrain --vae-from CKPT       # stages 2 and 3 on a trained autoencoder
     python -m nanocustom.pretrain --init-from CKPT --text-steps 0 --unet-steps 0 --out /tmp/f.safetensors
                                           # stage 3 alone on a trained checkpoint
-    python -m nanocustom.pretrain --init-from CKPT --unet-steps 0   # a new text encoder (1b), then stage 3
+    python -m nanocustom.pretrain --init-from CKPT --unet-steps 0   # 1b on its text encoder (or a new one), then 3
 """
 import argparse
 import copy
@@ -107,32 +107,36 @@ def train_vae(vae, steps, batch, lr, seed, log, mse_weight=1.0, crop=None, full_
 
 # ----------------------------------------------------------------------------- stage 1b: the text encoder
 
-# Heads of the caption parse, per object: shape (0 = no object), colour, size, position (0 = unsaid; size 1 + index
-# in toy.SIZES, position 1 + index in toy.SLOTS).
-OBJECT_CLASSES = (1 + len(toy.SHAPES), 1 + len(toy.COLOURS), 1 + len(toy.SIZES), 1 + len(toy.SLOTS))
+# Heads of the caption parse, per object: shape (0 = no object), colour, size, position, second colour (0 = unsaid;
+# else 1 + index in toy.COLOURS, toy.SIZES, toy.SLOTS), pattern (0 = solid, else 1 + index in toy.PATTERNS).
+OBJECT_CLASSES = (1 + len(toy.SHAPES), 1 + len(toy.COLOURS), 1 + len(toy.SIZES), 1 + len(toy.SLOTS),
+                  1 + len(toy.COLOURS), 1 + len(toy.PATTERNS))
 SCENE_CLASSES = OBJECT_CLASSES * 2 + (1 + len(toy.BACKGROUNDS),)  # from EOS on: both objects, the background
 POSITION_ENDS = {words.split()[-1] for words in toy.POSITION_WORDS.values()}  # "left", "middle", "right"
 
 
 def _object_target(o):
     if o is None:
-        return [0, 0, 0, 0]
+        return [0] * len(OBJECT_CLASSES)
     return [1 + toy.SHAPES.index(o.shape), 0 if o.colour is None else 1 + list(toy.COLOURS).index(o.colour),
             0 if o.size is None else 1 + list(toy.SIZES).index(o.size),
-            0 if o.position is None else 1 + toy.SLOTS.index(o.position)]
+            0 if o.position is None else 1 + toy.SLOTS.index(o.position),
+            0 if o.colour2 is None else 1 + list(toy.COLOURS).index(o.colour2),
+            0 if o.pattern is None else 1 + list(toy.PATTERNS).index(o.pattern)]
 
 
 def parse_targets(captions, length=77, causal=True):
     """Captions -> what stage 1b teaches each token feature to say (-1: nothing).
 
-    scene [B, length, 9]: the first object's 4 attributes, the second's (shape 0 when there is none) and the
+    scene [B, length, 13]: the first object's 6 attributes, the second's (shape 0 when there is none) and the
     background (0 = unsaid); taught from EOS on (EOS and the padding, which repeats it).
-    object [B, length, 4]: an object's shape, colour, size and position (0 = unsaid). causal=True (CLIP's mask):
-    only what a token can know, so at a shape word the first three and at its position's last word ("left") all
-    four. causal=False (an encoder that sees the whole caption): at every word of the object's phrase, so that no
-    word's feature says a colour without saying whose; every other token (BOS, "photo of", "and", the background's
-    words) is taught the scene."""
-    obj, scene = torch.full((len(captions), length, 4), -1), torch.full((len(captions), length, 9), -1)
+    object [B, length, 6]: an object's attributes (_object_target). causal=True (CLIP's mask): only what a token
+    can know, so at a shape word all but the position and at its position's last word ("left") all.
+    causal=False (an encoder that sees the whole caption): at every word of the object's phrase, so that no word's
+    feature says a colour without saying whose; every other token (BOS, "photo of", "and" between objects, the
+    background's words) is taught the scene."""
+    n = len(OBJECT_CLASSES)
+    obj, scene = torch.full((len(captions), length, n), -1), torch.full((len(captions), length, 2 * n + 1), -1)
     for b, text in enumerate(captions):
         said, words = toy.parse_caption(text), text.split()
         second = said.objects[1] if len(said.objects) > 1 else None
@@ -145,14 +149,14 @@ def parse_targets(captions, length=77, causal=True):
         last = len(words) - 4 if words[-1] == "background" else len(words)  # "on a blue background"
         k = 0  # which object the words are about
         for i in range(first, last):
-            if words[i] == "and":  # the next object's words begin
-                k += 1
+            if words[i] == "and" and words[i + 1] in ("a", "an"):  # the next object's words begin (else a
+                k += 1                                             # pattern's colours: "red and white striped")
                 continue
             target = _object_target(said.objects[k])
             if not causal:
                 obj[b, 1 + i], scene[b, 1 + i] = torch.tensor(target), -1
             elif words[i] in toy.SHAPES:
-                obj[b, 1 + i] = torch.tensor(target[:3] + [-1])  # its position, if said, comes later
+                obj[b, 1 + i] = torch.tensor(target[:3] + [-1] + target[4:])  # its position, if said, comes later
             elif words[i] in POSITION_ENDS:
                 obj[b, 1 + i] = torch.tensor(target)
     return obj, scene
@@ -373,9 +377,10 @@ def pretrain(out=DEFAULT_CHECKPOINT, vae_steps=VAE_STEPS, unet_steps=UNET_STEPS,
              mse_weight=1.0, vae_from=None, init_from=None, scenes=SCENES, finish_scenes=FINISH_SCENES, pairs=PAIRS):
     """The stages of the module docstring, written to `out` in fp16 with the recipe in its metadata.
     vae_from skips stage 1 (its VAE and latent scale are taken); init_from skips it too and continues that
-    checkpoint's UNet and text encoder; text_steps > 0 runs stage 1b (with init_from: on a fresh text encoder,
-    which replaces the checkpoint's); text_steps=0, unet_steps=0 or finish_steps=0 skips stage 1b, 2 or 3. A
-    parsed text encoder, or a checkpoint's that sees the whole caption, stays frozen in stages 2 and 3."""
+    checkpoint's UNet and text encoder; text_steps > 0 runs stage 1b (with init_from: on the checkpoint's text
+    encoder if it has TEXT_CONFIG, e.g. to teach it new words, else on a fresh one, which replaces it);
+    text_steps=0, unet_steps=0 or finish_steps=0 skips stage 1b, 2 or 3. A parsed text encoder, or a checkpoint's
+    that sees the whole caption, stays frozen in stages 2 and 3."""
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -399,11 +404,12 @@ def pretrain(out=DEFAULT_CHECKPOINT, vae_steps=VAE_STEPS, unet_steps=UNET_STEPS,
                            full_steps=VAE_FULL_STEPS)
         sd.latent_scale = measure_latent_scale(sd.vae, seed)
     log(f"latent scale {sd.latent_scale:.4f}")
-    if text_steps:  # stage 1b, on a fresh encoder
-        log("stage 1b: the text encoder learns to parse captions")
+    if text_steps:  # stage 1b, on a fresh encoder or on the checkpoint's if it has TEXT_CONFIG
+        go_on = bool(init_from) and sd.text_encoder.config == TEXT_CONFIG
+        log("stage 1b: the text encoder learns to parse captions" + (", continuing the checkpoint's" if go_on else ""))
         torch.manual_seed(seed)
-        sd.text_encoder = train_text_encoder(CLIPTextModel(TEXT_CONFIG).to(device), sd.tokenizer, text_steps,
-                                             text_batch, text_lr, seed, log, pairs)
+        sd.text_encoder = train_text_encoder(sd.text_encoder if go_on else CLIPTextModel(TEXT_CONFIG).to(device),
+                                             sd.tokenizer, text_steps, text_batch, text_lr, seed, log, pairs)
     # A parsed encoder, or a checkpoint's that sees the whole caption, is frozen from here on, as SD v1's CLIP is;
     # an unparsed one learns with the UNet (the recipe before stage 1b).
     train_text = not (text_steps or (init_from and not sd.text_encoder.config.causal))
@@ -433,7 +439,8 @@ def pretrain(out=DEFAULT_CHECKPOINT, vae_steps=VAE_STEPS, unet_steps=UNET_STEPS,
                   vae_crop=VAE_CROP, vae_full_steps=VAE_FULL_STEPS,
                   text_steps=text_steps, text_batch=text_batch, text_lr=text_lr,
                   unet_steps=unet_steps, batch=batch, lr=lr, scenes=scenes, finish_steps=finish_steps,
-                  finish_lr=finish_lr, finish_scenes=finish_scenes, pairs=pairs, seed=seed, device=str(device),
+                  finish_lr=finish_lr, finish_scenes=finish_scenes, pairs=pairs, patterns=toy.PATTERN_PROB,
+                  seed=seed, device=str(device),
                   vae_from=vae_from and Path(vae_from).name, init_from=init_from and Path(init_from).name,
                   init_recipe=trained.metadata.get("recipe") if init_from else None)  # the provenance, step by step
     save(sd.to("cpu"), out, dtype=torch.float16, recipe=recipe)

@@ -130,18 +130,21 @@ def test_parse_targets_put_each_objects_attributes_on_its_shape_and_position_wor
     from nanocustom.pretrain import parse_targets
     text = "a small red circle on the left and a green square on the right on a blue background"
     obj, scene = parse_targets([text, "photo of a star"])
-    circle, red, small, left = 1, 1, 1, 1
+    circle, red, small, left, solid = 1, 1, 1, 1, 0
     square, green, unsaid, right = 2, 1 + list(toy.COLOURS).index("green"), 0, 3
-    assert obj[0, 4].tolist() == [circle, red, small, -1] and obj[0, 7].tolist() == [circle, red, small, left]
-    assert obj[0, 11].tolist() == [square, green, unsaid, -1] and obj[0, 14].tolist() == [square, green, unsaid, right]
+    assert obj[0, 4].tolist() == [circle, red, small, -1, unsaid, solid]
+    assert obj[0, 7].tolist() == [circle, red, small, left, unsaid, solid]
+    assert obj[0, 11].tolist() == [square, green, unsaid, -1, unsaid, solid]
+    assert obj[0, 14].tolist() == [square, green, unsaid, right, unsaid, solid]
     labelled = (obj[0] >= 0).any(-1).nonzero().flatten().tolist()
     assert labelled == [4, 7, 11, 14]
     eos = len(text.split()) + 1
     blue = 1 + list(toy.BACKGROUNDS).index("blue")
     assert (scene[0, :eos] == -1).all()
-    assert (scene[0, eos:] == torch.tensor([circle, red, small, left, square, green, unsaid, right, blue])).all()
+    assert (scene[0, eos:] == torch.tensor([circle, red, small, left, unsaid, solid,
+                                            square, green, unsaid, right, unsaid, solid, blue])).all()
     star = 1 + toy.SHAPES.index("star")
-    assert obj[1, 4].tolist() == [star, unsaid, unsaid, -1] and scene[1, 5].tolist() == [star] + [0] * 8
+    assert obj[1, 4].tolist() == [star, unsaid, unsaid, -1, unsaid, solid] and scene[1, 5].tolist() == [star] + [0] * 12
 
 
 def test_for_an_encoder_that_sees_the_whole_caption_every_word_of_an_object_learns_the_whole_object():
@@ -154,7 +157,7 @@ def test_for_an_encoder_that_sees_the_whole_caption_every_word_of_an_object_lear
     obj, scene = parse_targets([text], causal=False)
     circle, red, small, left = 1, 1, 1, 1
     square, green, unsaid = 2, 1 + list(toy.COLOURS).index("green"), 0
-    first, second = [circle, red, small, left], [square, green, unsaid, unsaid]  # size, position unsaid
+    first, second = [circle, red, small, left, 0, 0], [square, green, unsaid, unsaid, 0, 0]  # size, position unsaid
     words = text.split()
     for i, word in enumerate(words):
         if 2 <= i <= 8:
@@ -166,6 +169,21 @@ def test_for_an_encoder_that_sees_the_whole_caption_every_word_of_an_object_lear
     told = [0, 1 + 0, 1 + 1, 1 + 9] + list(range(1 + 13, 77))  # BOS, "photo of", "and", the background, EOS on
     blue = 1 + list(toy.BACKGROUNDS).index("blue")
     assert (scene[0, told] == torch.tensor(first + second + [blue])).all()
+
+
+def test_a_patterns_and_joins_its_two_colours_and_only_an_article_starts_the_next_object():
+    """ "a red and white striped square and a blue circle": the first "and" is inside the square's phrase and
+    learns the square (second colour white, pattern striped); the second "and" starts the circle."""
+    from nanocustom import toy
+    from nanocustom.pretrain import parse_targets
+    text = "a red and white striped square and a blue circle"
+    obj, scene = parse_targets([text], causal=False)
+    white, striped = 1 + list(toy.COLOURS).index("white"), 1 + list(toy.PATTERNS).index("striped")
+    square = [2, 1, 0, 0, white, striped]
+    circle = [1, 1 + list(toy.COLOURS).index("blue"), 0, 0, 0, 0]
+    assert [obj[0, 1 + i].tolist() for i in range(6)] == [square] * 6  # "a red and white striped square"
+    assert (obj[0, 7] == -1).all() and scene[0, 7].tolist() == square + circle + [0]
+    assert [obj[0, 1 + i].tolist() for i in range(7, 10)] == [circle] * 3
 
 
 def test_the_text_encoders_mask_is_a_config_switch():
