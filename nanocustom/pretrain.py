@@ -436,7 +436,7 @@ def pretrain(out=DEFAULT_CHECKPOINT, vae_steps=VAE_STEPS, unet_steps=UNET_STEPS,
     for module in (sd.unet, sd.vae):  # safetensors stores the standard (NCHW) layout
         module.to(memory_format=torch.contiguous_format)
     recipe = dict(vae_steps=0 if vae_from else vae_steps, vae_batch=vae_batch, vae_lr=vae_lr, mse_weight=mse_weight,
-                  vae_crop=VAE_CROP, vae_full_steps=VAE_FULL_STEPS,
+                  vae_crop=None if vae_from else VAE_CROP, vae_full_steps=0 if vae_from else VAE_FULL_STEPS,
                   text_steps=text_steps, text_batch=text_batch, text_lr=text_lr,
                   unet_steps=unet_steps, batch=batch, lr=lr, scenes=scenes, finish_steps=finish_steps,
                   finish_lr=finish_lr, finish_scenes=finish_scenes, pairs=pairs, patterns=toy.PATTERN_PROB,

@@ -60,7 +60,24 @@ def test_init_from_continues_a_trained_unet_and_text_encoder_under_zero_snr(tmp_
     text_before, text_after = source.text_encoder.state_dict(), continued.text_encoder.state_dict()
     assert all(torch.equal(text_before[k], text_after[k]) for k in text_before)
     assert continued.metadata["recipe"]["vae_steps"] == 0  # stage 1 was not run here
+    assert continued.metadata["recipe"]["vae_crop"] is None
     assert continued.metadata["recipe"]["init_recipe"] == source.metadata["recipe"]
+
+
+def test_stage_1b_on_a_checkpoint_continues_its_text_encoder(tmp_path, capsys):
+    """--init-from with --text-steps teaches the checkpoint's own text encoder (new words, such as the patterns):
+    one warm-up step at lr 1e-3 / 100 leaves it close to the checkpoint's, which a fresh encoder is not."""
+    from nanocustom.checkpoint import DEFAULT_CHECKPOINT, load
+    from nanocustom.clip import CLIPTextModel
+    from nanocustom.pretrain import TEXT_CONFIG, pretrain
+    out = tmp_path / "taught.safetensors"
+    pretrain(out, text_steps=1, text_batch=4, text_lr=1e-3, unet_steps=0, finish_steps=0, init_from=DEFAULT_CHECKPOINT,
+             threads=1)
+    assert "continuing the checkpoint's" in capsys.readouterr().out
+    before, after = load(DEFAULT_CHECKPOINT).text_encoder.state_dict(), load(out).text_encoder.state_dict()
+    fresh = CLIPTextModel(TEXT_CONFIG).state_dict()
+    assert max((before[k] - after[k]).abs().max().item() for k in before) < 2e-3
+    assert max((before[k] - fresh[k]).abs().max().item() for k in before) > 0.1
 
 
 def test_the_vae_trains_on_random_crops_and_ends_on_whole_images():
