@@ -137,6 +137,7 @@ CONCEPTS = {c.name: c for c in [
     Concept("checkered_star", "star", ("yellow", "black"), "checked"),
 ]}
 CONCEPT_SIZES = ("medium", "big")  # a pattern needs room: at "small" stripes and dots blur to one colour
+DEFAULT_TOKENS = {name: f"<new{i + 1}>" for i, name in enumerate(CONCEPTS)}  # concept -> its word in captions
 
 
 def concept_of_look(shape, pattern, colours):
@@ -156,7 +157,6 @@ def look(o):
     if o.pattern is not None:
         return PATTERNS[o.pattern], (o.colour, o.colour2)
     return None, (o.colour,)
-DEFAULT_TOKENS = {name: f"<new{i + 1}>" for i, name in enumerate(CONCEPTS)}  # concept -> its word in captions
 
 # ----------------------------------------------------------------------------- rendering
 
@@ -407,8 +407,7 @@ def parse_caption(prompt, tokens=None):
             elif w != "and":
                 raise NanocustomError(f"unknown word {w!r} in {prompt!r}; expected a size, a colour, a pattern "
                                       f"({', '.join(PATTERNS)}) or a concept token ({', '.join(words_to_concept)})")
-        two = o.pattern is not None
-        if len(colours) > (2 if two else 1) or ("and" in words) != (len(colours) == 2):
+        if len(colours) > (1 if o.pattern is None else 2) or ("and" in words) != (len(colours) == 2):
             raise NanocustomError(f"cannot read the colours of {phrase!r} in {prompt!r}; a solid object has one "
                                   "colour ('a red square'), a patterned one two ('a red and white striped square')")
         o.colour, o.colour2 = (colours + [None, None])[:2]
@@ -661,10 +660,12 @@ def satisfies(seen, spec):
         return False
 
     def match(o, want):
-        colours, wanted = ({o.colour, o.colour2}, {want.colour, want.colour2}) if o.pattern else (o.colour, want.colour)
+        pair = o.pattern is not None  # a pattern's two colours are compared as a pair (scene_labels)
+        colours = {o.colour, o.colour2} if pair else o.colour
+        wanted = None if want.colour is None else {want.colour, want.colour2} if pair else want.colour
         return (o.shape == want.shape and o.concept == want.concept and o.pattern == want.pattern
-                and all(w is None or w == v for v, w in [(colours, None if want.colour is None else wanted),
-                                                         (o.size, want.size), (o.position, want.position)]))
+                and all(w is None or w == v for v, w in [(colours, wanted), (o.size, want.size),
+                                                         (o.position, want.position)]))
     return any(all(map(match, order, spec.objects)) for order in itertools.permutations(seen.objects))
 
 
