@@ -253,29 +253,29 @@ def encode(sd, scenes):
     return mean, torch.exp(0.5 * logvar)
 
 
-def encode_scenes(sd, n, seed, log, pairs=0.5, chunk=256):
+def encode_scenes(sd, n, seed, log, pairs=0.5, patterns=toy.PATTERN_PROB, chunk=256):
     """Stage 2's training set: n random scenes, rendered and encoded once. The VAE is frozen by now and its
     encoder at 64x64 costs a third of a CPU training step, so each scene is encoded once and seen ~4 times
     (1,100 steps x 32 / 10,000), each time under a freshly drawn caption (toy.random_caption).
     Returns (scenes, posterior means, stds)."""
     rng = np.random.default_rng([seed, 5])
-    scenes = [toy.random_scene(rng, pair_prob=pairs) for _ in range(n)]
+    scenes = [toy.random_scene(rng, pair_prob=pairs, pattern_prob=patterns) for _ in range(n)]
     means, stds = zip(*[encode(sd, scenes[i:i + chunk]) for i in range(0, n, chunk)])
     log(f"encoded {n} scenes")
     return scenes, torch.cat(means), torch.cat(stds)
 
 
-def scene_batches(sd, batch, steps, seed, scenes, generator, log, pairs=0.5):
+def scene_batches(sd, batch, steps, seed, scenes, generator, log, pairs=0.5, patterns=toy.PATTERN_PROB):
     """(posterior means, stds, scenes) of each step's batch: from `scenes` scenes encoded once and reshuffled
     each epoch, or, with scenes=0, from a fresh render every step (the VAE encoder then costs a third more per
     CPU step)."""
     if not scenes:
         for step in range(steps):
             rng = np.random.default_rng([seed, 2, step])
-            scene_list = [toy.random_scene(rng, pair_prob=pairs) for _ in range(batch)]
+            scene_list = [toy.random_scene(rng, pair_prob=pairs, pattern_prob=patterns) for _ in range(batch)]
             yield *encode(sd, scene_list), scene_list
         return
-    scene_list, means, stds = encode_scenes(sd, scenes, seed, log, pairs)
+    scene_list, means, stds = encode_scenes(sd, scenes, seed, log, pairs, patterns)
     order = torch.randperm(scenes, generator=generator)
     for step in range(steps):
         if len(order) < batch:  # a new epoch: a new order
@@ -314,7 +314,7 @@ class LossBalance:
 
 
 def train_diffusion(sd, steps, batch, lr, seed, log, ema_decay=0.999, samples=None, scenes=SCENES, zero_snr=False,
-                    pairs=0.5, train_text=True):
+                    pairs=0.5, patterns=toy.PATTERN_PROB, train_text=True):
     """Stages 2 and 3: the UNet and the text encoder learn together on scaled latents (train_text=False: the text
     encoder of stage 1b stays frozen, as SD v1's CLIP does, LDM §3.3). Returns EMA weights.
 
@@ -329,7 +329,7 @@ def train_diffusion(sd, steps, batch, lr, seed, log, ema_decay=0.999, samples=No
     across timesteps (LossBalance). From scratch this draws blobs (README, "How the recipe came to be"): the loss
     near T rules the gradients. After stage 2 it teaches the backgrounds and keeps the shapes.
 
-    pairs: the fraction of scenes with two objects (toy.random_scene)."""
+    pairs, patterns: the fraction of scenes with two objects, of objects patterned (toy.random_scene)."""
     diffusion = Diffusion(**ZERO_SNR) if zero_snr else Diffusion()
     prediction_type, stage = ("v", "finish") if zero_snr else ("eps", "unet")
     sd.prediction_type, sd.schedule = prediction_type, ZERO_SNR if zero_snr else {}
@@ -341,7 +341,7 @@ def train_diffusion(sd, steps, batch, lr, seed, log, ema_decay=0.999, samples=No
     ema = copy.deepcopy(modules).eval().requires_grad_(False)
     opt = torch.optim.AdamW(modules.parameters(), lr=lr, weight_decay=0.01)
     generator = torch.Generator().manual_seed(seed)
-    batches = scene_batches(sd, batch, steps, seed, scenes, generator, log, pairs)
+    batches = scene_batches(sd, batch, steps, seed, scenes, generator, log, pairs, patterns)
     for step, (mean, std, scene_list) in enumerate(batches):
         drop = torch.rand(batch, generator=generator) < P_UNCOND
         captions = ["" if d else toy.random_caption(scene, caption_rng) for scene, d in zip(scene_list, drop.tolist())]
@@ -374,7 +374,8 @@ def train_diffusion(sd, steps, batch, lr, seed, log, ema_decay=0.999, samples=No
 def pretrain(out=DEFAULT_CHECKPOINT, vae_steps=VAE_STEPS, unet_steps=UNET_STEPS, finish_steps=FINISH_STEPS,
              vae_batch=8, batch=32, vae_lr=1e-3, lr=1e-3, finish_lr=FINISH_LR, text_steps=TEXT_STEPS, text_batch=128,
              text_lr=3e-3, seed=0, threads=None, samples=None, device="cpu", vae_config=None, unet_config=None,
-             mse_weight=1.0, vae_from=None, init_from=None, scenes=SCENES, finish_scenes=FINISH_SCENES, pairs=PAIRS):
+             mse_weight=1.0, vae_from=None, init_from=None, scenes=SCENES, finish_scenes=FINISH_SCENES, pairs=PAIRS,
+             patterns=toy.PATTERN_PROB):
     """The stages of the module docstring, written to `out` in fp16 with the recipe in its metadata.
     vae_from skips stage 1 (its VAE and latent scale are taken); init_from skips it too and continues that
     checkpoint's UNet and text encoder; text_steps > 0 runs stage 1b (with init_from: on the checkpoint's text
@@ -428,18 +429,18 @@ def pretrain(out=DEFAULT_CHECKPOINT, vae_steps=VAE_STEPS, unet_steps=UNET_STEPS,
     if unet_steps:
         log("stage 2: SD v1's schedule, eps-prediction")
         sd = train_diffusion(sd, unet_steps, batch, lr, seed, log, samples=samples, scenes=scenes, pairs=pairs,
-                             train_text=train_text)
+                             patterns=patterns, train_text=train_text)
     if finish_steps:  # a new seed: new scenes, captions and noise
         log("stage 3: zero terminal SNR, v-prediction, LossBalance")
         sd = train_diffusion(sd, finish_steps, batch, finish_lr, seed + 1, log, samples=samples, scenes=finish_scenes,
-                             zero_snr=True, pairs=pairs, train_text=train_text)
+                             zero_snr=True, pairs=pairs, patterns=patterns, train_text=train_text)
     for module in (sd.unet, sd.vae):  # safetensors stores the standard (NCHW) layout
         module.to(memory_format=torch.contiguous_format)
     recipe = dict(vae_steps=0 if vae_from else vae_steps, vae_batch=vae_batch, vae_lr=vae_lr, mse_weight=mse_weight,
                   vae_crop=None if vae_from else VAE_CROP, vae_full_steps=0 if vae_from else VAE_FULL_STEPS,
                   text_steps=text_steps, text_batch=text_batch, text_lr=text_lr,
                   unet_steps=unet_steps, batch=batch, lr=lr, scenes=scenes, finish_steps=finish_steps,
-                  finish_lr=finish_lr, finish_scenes=finish_scenes, pairs=pairs, patterns=toy.PATTERN_PROB,
+                  finish_lr=finish_lr, finish_scenes=finish_scenes, pairs=pairs, patterns=patterns,
                   seed=seed, device=str(device),
                   vae_from=vae_from and Path(vae_from).name, init_from=init_from and Path(init_from).name,
                   init_recipe=trained.metadata.get("recipe") if init_from else None)  # the provenance, step by step
@@ -527,6 +528,8 @@ def main(argv=None):
     p.add_argument("--finish-lr", type=float, default=FINISH_LR)
     p.add_argument("--finish-scenes", type=int, default=FINISH_SCENES)
     p.add_argument("--pairs", type=float, default=PAIRS, help="fraction of scenes with two objects")
+    p.add_argument("--patterns", type=float, default=toy.PATTERN_PROB,
+                   help="fraction of objects patterned (more: a continuation that teaches the patterns)")
     p.add_argument("--device", default="cpu", help="cuda trains the same recipe in minutes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -541,13 +544,14 @@ def main(argv=None):
         torch.set_num_threads(args.threads or torch.get_num_threads())
         sd = load(args.out, device=args.device)
         return diagnose(sd) if args.diagnose else evaluate(sd, seed=args.seed)
-    if not 0 <= args.pairs <= 1:
-        p.error(f"--pairs {args.pairs} is a fraction of scenes; give a number in [0, 1]")
+    for name, value in (("pairs", args.pairs), ("patterns", args.patterns)):
+        if not 0 <= value <= 1:
+            p.error(f"--{name} {value} is a fraction; give a number in [0, 1]")
     pretrain(args.out, args.vae_steps, args.unet_steps, args.finish_steps, batch=args.batch, lr=args.lr,
              finish_lr=args.finish_lr, text_steps=args.text_steps, text_lr=args.text_lr, seed=args.seed,
              threads=args.threads, samples=args.samples, device=args.device,
              vae_from=args.vae_from, init_from=args.init_from, scenes=args.scenes, finish_scenes=args.finish_scenes,
-             pairs=args.pairs)
+             pairs=args.pairs, patterns=args.patterns)
 
 
 if __name__ == "__main__":

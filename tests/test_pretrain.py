@@ -118,7 +118,7 @@ def test_the_recipe_is_one_command_of_three_stages(tmp_path):
     out = tmp_path / "tiny.safetensors"
     result = subprocess.run([sys.executable, "-m", "nanocustom.pretrain", "--vae-steps", "2", "--text-steps", "2",
                              "--unet-steps", "2", "--finish-steps", "2", "--scenes", "16", "--finish-scenes", "8",
-                             "--batch", "4", "--threads", "1", "--out", str(out)],
+                             "--patterns", "0.5", "--batch", "4", "--threads", "1", "--out", str(out)],
                             cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     log = result.stdout
@@ -129,6 +129,26 @@ def test_the_recipe_is_one_command_of_three_stages(tmp_path):
     assert model.text_encoder.config == TEXT_CONFIG and not TEXT_CONFIG.causal  # it sees the whole caption
     recipe = model.metadata["recipe"]
     assert (recipe["vae_steps"], recipe["text_steps"], recipe["unet_steps"], recipe["finish_steps"]) == (2, 2, 2, 2)
+    assert recipe["patterns"] == 0.5
+
+
+def test_a_share_outside_0_to_1_is_refused_in_one_line(capsys):
+    import pytest
+    from nanocustom.pretrain import main
+    for flag in ("--pairs", "--patterns"):
+        with pytest.raises(SystemExit) as exit:
+            main([flag, "1.5", "--out", "unused.safetensors"])
+        assert exit.value.code != 0
+        assert f"{flag} 1.5 is a fraction; give a number in [0, 1]" in capsys.readouterr().err
+
+
+def test_patterns_sets_the_share_of_patterned_objects():
+    import numpy as np
+    from nanocustom import toy
+    rng = np.random.default_rng(0)
+    patterned = {p: [o.pattern is not None for _ in range(50) for o in toy.random_scene(rng, pattern_prob=p).objects]
+                 for p in (0.0, 1.0)}
+    assert not any(patterned[0.0]) and all(patterned[1.0])
 
 
 def test_pairs_sets_the_share_of_two_object_scenes():
