@@ -485,31 +485,54 @@ def evaluate(sd, per_prompt=8, n_prompts=24, steps=50, guidance=7.5, seed=0, per
     return scores
 
 
+def _word(o, attribute):
+    """An object's shape, pattern or colour as a comparable string; a pattern's two colours as an unordered pair."""
+    if attribute == "colour" and o.pattern:
+        return " and ".join(sorted([o.colour, o.colour2]))
+    return str(getattr(o, attribute))
+
+
+# The quick protocol's patterned prompts: each pattern twice, on shapes and in colours the concepts do not have.
+PATTERNED_PROMPTS = ["a red and white striped circle", "a blue and yellow split heart", "a white and black dotted square",
+                     "a yellow and black checked cross", "a green and orange striped square",
+                     "a purple and white split circle", "a striped triangle on a gray background",
+                     "a red circle and a black and white checked star"]
+
+
 @torch.no_grad()
-def diagnose(sd, n_single=12, n_double=8, per_prompt=8, steps=25, guidance=7.5, log=print):
-    """The quick protocol of the README's "Where the errors are": the first quality prompts, and per attribute
-    how many images got it wrong (background, shape, colour, object count), beside the adherence."""
+def diagnose(sd, n_single=12, n_double=8, n_patterned=8, per_prompt=8, steps=25, guidance=7.5, log=print):
+    """The quick protocol of the README's "Where the errors are": the first quality prompts and the patterned
+    ones, and per attribute how many images got it wrong (background, shape, colour, pattern, object count),
+    beside the adherence; for the patterned prompts also how often the asked patterns are seen at all."""
     from nanocustom.pipeline import generate
     single, double = quality_prompts(0, max(n_single, n_double))
     report = {"binding probe": binding_probe(sd)}
     log(f"binding probe: {report['binding probe']:.3f} (1: the text encoder is a bag of words)")
-    for name, prompts in (("single", single[:n_single]), ("two-object", double[:n_double])):
+    groups = (("single", single[:n_single]), ("two-object", double[:n_double]),
+              ("patterned", PATTERNED_PROMPTS[:n_patterned]))
+    for name, prompts in groups:
         if not prompts:
             continue
-        wrong, right, total = dict(background=0, shape=0, colour=0, count=0), 0, 0
+        wrong, right, pattern_seen, total = dict(background=0, shape=0, colour=0, pattern=0, count=0), 0, 0, 0
         for i, prompt in enumerate(prompts):
             spec = toy.parse_caption(prompt)
             images = generate(sd, [prompt] * per_prompt, steps=steps, guidance=guidance, seed=i, progress=False)
             for seen in toy.describe(images):
                 total, right = total + 1, right + toy.satisfies(seen, spec)
+                pattern_seen += {o.pattern for o in spec.objects} - {None} <= {o.pattern for o in seen.objects}
                 wrong["background"] += spec.background is not None and seen.background != spec.background
                 if len(seen.objects) != len(spec.objects):
                     wrong["count"] += 1
                     continue
-                wrong["shape"] += sorted(o.shape for o in seen.objects) != sorted(o.shape for o in spec.objects)
-                wrong["colour"] += sorted(o.colour for o in seen.objects) != sorted(o.colour for o in spec.objects)
+                for attribute, said in (("shape", True), ("pattern", True),
+                                        ("colour", all(o.colour for o in spec.objects))):
+                    wrong[attribute] += said and (sorted(_word(o, attribute) for o in seen.objects)
+                                                  != sorted(_word(o, attribute) for o in spec.objects))
         report[name] = dict(adherence=right / total, images=total, wrong=wrong)
-        log(f"{name}: adherence {right / total:.3f} over {total} images; wrong: {wrong}")
+        if name == "patterned":
+            report[name]["asked pattern seen"] = pattern_seen / total
+        log(f"{name}: adherence {right / total:.3f} over {total} images; wrong: {wrong}"
+            + (f"; asked pattern seen {pattern_seen / total:.3f}" if name == "patterned" else ""))
     return report
 
 
