@@ -105,6 +105,38 @@ def train_vae(vae, steps, batch, lr, seed, log, mse_weight=1.0, crop=None, full_
     return vae.eval().requires_grad_(False)
 
 
+def train_decoder(vae, steps, batch, lr, seed, log, patterns=toy.PATTERN_PROB):
+    """Stage 1 continued: the decoder alone (and post_quant_conv) on whole images of the current world, the encoder
+    frozen, so the latent space, and every UNet trained on it, stays as it was; Stability AI fine-tuned SD's VAE
+    decoder the same way (sd-vae-ft-mse), for sharper images under the same UNet. For a VAE trained before the world
+    had patterns: its decoder drew a red and white striped square's round trip in other colours (README, "Why no
+    method learns the concepts"). L1 + MSE of the decoded posterior sample; no KL (the encoder does not train)."""
+    params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    vae.eval().requires_grad_(False)
+    vae.decoder.train()
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    device, generator = next(vae.parameters()).device, torch.Generator().manual_seed(seed)
+    for p in params:
+        p.requires_grad_(True)
+    for step in range(steps):
+        rng = np.random.default_rng([seed, 6, step])
+        scenes = [toy.random_scene(rng, pattern_prob=patterns) for _ in range(batch)]
+        x = to_model_images(np.stack([toy.render(s) for s in scenes])).to(device)
+        with torch.no_grad():
+            mean, logvar = vae.encode(x)
+            z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator).to(device)
+        decoded = vae.decode(z)
+        loss = F.l1_loss(decoded, x) + F.mse_loss(decoded, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        for group in opt.param_groups:  # cosine decay to 0
+            group["lr"] = lr * 0.5 * (1 + np.cos(np.pi * (step + 1) / steps))
+        if step % 50 == 0 or step == steps - 1:
+            log(f"decoder step {step:5d}/{steps}  loss {loss.item():.4f}")
+    return vae.eval().requires_grad_(False)
+
+
 # ----------------------------------------------------------------------------- stage 1b: the text encoder
 
 # Heads of the caption parse, per object: shape (0 = no object), colour, size, position, second colour (0 = unsaid;
@@ -375,13 +407,14 @@ def pretrain(out=DEFAULT_CHECKPOINT, vae_steps=VAE_STEPS, unet_steps=UNET_STEPS,
              vae_batch=8, batch=32, vae_lr=1e-3, lr=1e-3, finish_lr=FINISH_LR, text_steps=TEXT_STEPS, text_batch=128,
              text_lr=3e-3, seed=0, threads=None, samples=None, device="cpu", vae_config=None, unet_config=None,
              mse_weight=1.0, vae_from=None, init_from=None, scenes=SCENES, finish_scenes=FINISH_SCENES, pairs=PAIRS,
-             patterns=toy.PATTERN_PROB):
+             patterns=toy.PATTERN_PROB, decoder_steps=0, decoder_lr=2e-4):
     """The stages of the module docstring, written to `out` in fp16 with the recipe in its metadata.
     vae_from skips stage 1 (its VAE and latent scale are taken); init_from skips it too and continues that
     checkpoint's UNet and text encoder; text_steps > 0 runs stage 1b (with init_from: on the checkpoint's text
     encoder if it has TEXT_CONFIG, e.g. to teach it new words, else on a fresh one, which replaces it);
     text_steps=0, unet_steps=0 or finish_steps=0 skips stage 1b, 2 or 3. A parsed text encoder, or a checkpoint's
-    that sees the whole caption, stays frozen in stages 2 and 3."""
+    that sees the whole caption, stays frozen in stages 2 and 3. decoder_steps > 0 then trains the decoder alone
+    (train_decoder), the latent space kept."""
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -405,6 +438,9 @@ def pretrain(out=DEFAULT_CHECKPOINT, vae_steps=VAE_STEPS, unet_steps=UNET_STEPS,
                            full_steps=VAE_FULL_STEPS)
         sd.latent_scale = measure_latent_scale(sd.vae, seed)
     log(f"latent scale {sd.latent_scale:.4f}")
+    if decoder_steps:
+        log("stage 1, the decoder alone: the latent space kept")
+        sd.vae = train_decoder(sd.vae, decoder_steps, vae_batch, decoder_lr, seed, log, patterns)
     if text_steps:  # stage 1b, on a fresh encoder or on the checkpoint's if it has TEXT_CONFIG
         go_on = bool(init_from) and sd.text_encoder.config == TEXT_CONFIG
         log("stage 1b: the text encoder learns to parse captions" + (", continuing the checkpoint's" if go_on else ""))
@@ -438,6 +474,7 @@ def pretrain(out=DEFAULT_CHECKPOINT, vae_steps=VAE_STEPS, unet_steps=UNET_STEPS,
         module.to(memory_format=torch.contiguous_format)
     recipe = dict(vae_steps=0 if vae_from else vae_steps, vae_batch=vae_batch, vae_lr=vae_lr, mse_weight=mse_weight,
                   vae_crop=None if vae_from else VAE_CROP, vae_full_steps=0 if vae_from else VAE_FULL_STEPS,
+                  decoder_steps=decoder_steps, decoder_lr=decoder_lr,
                   text_steps=text_steps, text_batch=text_batch, text_lr=text_lr,
                   unet_steps=unet_steps, batch=batch, lr=lr, scenes=scenes, finish_steps=finish_steps,
                   finish_lr=finish_lr, finish_scenes=finish_scenes, pairs=pairs, patterns=patterns,
@@ -540,6 +577,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="pretrain the shapes model (stages 1, 1b, 2, 3; see the module docstring)")
     p.add_argument("--out", default=str(DEFAULT_CHECKPOINT))
     p.add_argument("--vae-steps", type=int, default=VAE_STEPS, help="stage 1")
+    p.add_argument("--decoder-steps", type=int, default=0,
+                   help="then the decoder alone, the latent space kept (a VAE trained before the patterns)")
+    p.add_argument("--decoder-lr", type=float, default=2e-4)
     p.add_argument("--text-steps", type=int, default=TEXT_STEPS,
                    help="stage 1b: the text encoder learns to parse captions, then stays frozen (0: skip)")
     p.add_argument("--text-lr", type=float, default=3e-3)
@@ -574,7 +614,7 @@ def main(argv=None):
              finish_lr=args.finish_lr, text_steps=args.text_steps, text_lr=args.text_lr, seed=args.seed,
              threads=args.threads, samples=args.samples, device=args.device,
              vae_from=args.vae_from, init_from=args.init_from, scenes=args.scenes, finish_scenes=args.finish_scenes,
-             pairs=args.pairs, patterns=args.patterns)
+             pairs=args.pairs, patterns=args.patterns, decoder_steps=args.decoder_steps, decoder_lr=args.decoder_lr)
 
 
 if __name__ == "__main__":

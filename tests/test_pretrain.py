@@ -270,3 +270,18 @@ def test_the_shipped_text_encoder_binds_colours_to_shapes():
     from nanocustom.checkpoint import load
     from nanocustom.pretrain import binding_probe
     assert binding_probe(load(), n=16) < 0.8
+
+
+def test_decoder_steps_train_the_decoder_alone_and_keep_the_latent_space(tmp_path):
+    """--decoder-steps on a checkpoint: the decoder moves; the encoder, the UNet and the latent scale do not."""
+    from nanocustom.checkpoint import DEFAULT_CHECKPOINT, load
+    from nanocustom.pretrain import pretrain
+    out = tmp_path / "decoder.safetensors"
+    pretrain(out, text_steps=0, unet_steps=0, finish_steps=0, init_from=DEFAULT_CHECKPOINT, decoder_steps=2,
+             vae_batch=2, decoder_lr=1e-3, threads=1)
+    before, after = load(DEFAULT_CHECKPOINT), load(out)
+    moved = {k for k, v in before.vae.state_dict().items() if not torch.equal(v, after.vae.state_dict()[k])}
+    assert moved and all(k.startswith(("decoder.", "post_quant_conv.")) for k in moved), sorted(moved)[:5]
+    assert all(torch.equal(v, after.unet.state_dict()[k]) for k, v in before.unet.state_dict().items())
+    assert after.latent_scale == before.latent_scale
+    assert after.metadata["recipe"]["decoder_steps"] == 2
