@@ -537,6 +537,29 @@ PATTERNED_PROMPTS = ["a red and white striped circle", "a blue and yellow split 
 
 
 @torch.no_grad()
+def round_trips(sd, per_prompt=8, per_concept=16):
+    """What the evaluator makes of true renders after the VAE's encode and decode: the quick protocol's patterned
+    prompts (adherence, asked pattern seen) and each held-out concept's presence. A ceiling for the UNet: what
+    the decoder cannot draw back, no sample shows."""
+    from nanocustom.pipeline import latents_to_images, to_uint8
+
+    def through_vae(images):
+        mean, _ = sd.vae.encode(to_model_images(images).to(sd.device))
+        return to_uint8(latents_to_images(sd, mean * sd.latent_scale))
+    right = pattern_seen = total = 0
+    for i, prompt in enumerate(PATTERNED_PROMPTS):
+        spec = toy.parse_caption(prompt)
+        for seen in toy.describe(through_vae(toy.render_prompt(prompt, per_prompt, seed=[i, 7]))):
+            total, right = total + 1, right + toy.satisfies(seen, spec)
+            pattern_seen += {o.pattern for o in spec.objects} - {None} <= {o.pattern for o in seen.objects}
+    report = {"patterned adherence": right / total, "asked pattern seen": pattern_seen / total}
+    for name in toy.CONCEPTS:
+        prompt = f"a {toy.DEFAULT_TOKENS[name]} {toy.CONCEPTS[name].shape}"
+        report[f"{name} presence"] = toy.concept_presence(through_vae(toy.render_prompt(prompt, per_concept)), name)
+    return report
+
+
+@torch.no_grad()
 def diagnose(sd, n_single=12, n_double=8, n_patterned=8, per_prompt=8, steps=25, guidance=7.5, log=print):
     """The quick protocol of the README's "Where the errors are": the first quality prompts and the patterned
     ones, and per attribute how many images got it wrong (background, shape, colour, pattern, object count),
@@ -545,6 +568,8 @@ def diagnose(sd, n_single=12, n_double=8, n_patterned=8, per_prompt=8, steps=25,
     single, double = quality_prompts(0, max(n_single, n_double))
     report = {"binding probe": binding_probe(sd)}
     log(f"binding probe: {report['binding probe']:.3f} (1: the text encoder is a bag of words)")
+    report["round trips"] = round_trips(sd)
+    log("true renders through the VAE: " + ", ".join(f"{k} {v:.3f}" for k, v in report["round trips"].items()))
     groups = (("single", single[:n_single]), ("two-object", double[:n_double]),
               ("patterned", PATTERNED_PROMPTS[:n_patterned]))
     for name, prompts in groups:

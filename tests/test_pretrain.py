@@ -34,10 +34,14 @@ def test_loss_balance_keeps_the_loss_scale_and_starts_from_the_first_loss_it_see
 def test_diagnose_counts_each_wrong_attribute_of_the_quick_protocol():
     from nanocustom.checkpoint import load
     from nanocustom.pretrain import diagnose
+    from nanocustom.toy import CONCEPTS
     report = diagnose(load(), n_single=2, n_double=1, n_patterned=1, per_prompt=2, steps=2, log=lambda _: None)
     assert report["single"]["images"] == 4 and report["two-object"]["images"] == report["patterned"]["images"] == 2
     assert 0.0 < report["binding probe"] <= 1.0
     assert report["patterned"]["asked pattern seen"] in (0.0, 0.5, 1.0)
+    trips = report["round trips"]  # true renders through the shipped VAE: its patterns survive
+    assert set(trips) == {"patterned adherence", "asked pattern seen"} | {f"{c} presence" for c in CONCEPTS}
+    assert trips["asked pattern seen"] >= 0.75, trips
     for part in (report["single"], report["two-object"], report["patterned"]):
         assert set(part["wrong"]) == {"background", "shape", "colour", "pattern", "count"}
         right = round(part["adherence"] * part["images"])
