@@ -23,6 +23,10 @@ The latent scale is set, as SD's 0.18215 was, to make the latents about unit var
     python -m nanocustom.pretrain --init-from CKPT --text-steps 0 --unet-steps 0 --out /tmp/f.safetensors
                                           # stage 3 alone on a trained checkpoint
     python -m nanocustom.pretrain --init-from CKPT --unet-steps 0   # 1b on its text encoder (or a new one), then 3
+    python -m nanocustom.pretrain --init-from CKPT --text-steps 0 --unet-steps 0 --finish-steps 2000 --patterns 0.5
+                                          # stage 3 with half the objects patterned (the world has a quarter)
+    python -m nanocustom.pretrain --init-from CKPT --text-steps 0 --unet-steps 0 --finish-steps 0 --decoder-steps 1000
+                                          # the VAE decoder alone, the latent space kept (train_decoder)
 """
 import argparse
 import copy
@@ -529,11 +533,11 @@ def _word(o, attribute):
     return str(getattr(o, attribute))
 
 
-# The quick protocol's patterned prompts: each pattern twice, on shapes and in colours the concepts do not have.
-PATTERNED_PROMPTS = ["a red and white striped circle", "a blue and yellow split heart", "a white and black dotted square",
-                     "a yellow and black checked cross", "a green and orange striped square",
-                     "a purple and white split circle", "a striped triangle on a gray background",
-                     "a red circle and a black and white checked star"]
+# The quick protocol's patterned prompts: every pattern, never on its concept's shape in its concept's colours.
+PATTERNED_PROMPTS = ["a red and white striped circle", "a blue and yellow split heart",
+                     "a white and black dotted square", "a yellow and black checked cross",
+                     "a green and orange striped square", "a purple and white split circle",
+                     "a striped triangle on a gray background", "a red circle and a black and white checked star"]
 
 
 @torch.no_grad()
