@@ -78,6 +78,15 @@ def random_crops(x, side, generator):
     return torch.stack([im[:, t:t + side, l:l + side] for im, t, l in zip(x, tops, lefts)])
 
 
+def cosine_step(opt, loss, lr, step, steps):
+    """One optimizer step on loss, then the next step's learning rate: lr on a cosine decay to 0 at `steps`."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    for group in opt.param_groups:
+        group["lr"] = lr * 0.5 * (1 + np.cos(np.pi * (step + 1) / steps))
+
+
 def train_vae(vae, steps, batch, lr, seed, log, mse_weight=1.0, crop=None, full_steps=0):
     """Stage 1: L1 (+ mse_weight * MSE) reconstruction of a posterior sample, plus 1e-6 * KL(q(z|x) || N(0, I)).
 
@@ -99,11 +108,7 @@ def train_vae(vae, steps, batch, lr, seed, log, mse_weight=1.0, crop=None, full_
         kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3)).mean()
         decoded = vae.decode(z)
         loss = F.l1_loss(decoded, x) + mse_weight * F.mse_loss(decoded, x) + 1e-6 * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        for group in opt.param_groups:  # cosine decay to 0
-            group["lr"] = lr * 0.5 * (1 + np.cos(np.pi * (step + 1) / steps))
+        cosine_step(opt, loss, lr, step, steps)
         if step % 50 == 0 or step == steps - 1:
             log(f"vae  step {step:5d}/{steps}  l1 {loss.item():.4f}")
     return vae.eval().requires_grad_(False)
@@ -131,11 +136,7 @@ def train_decoder(vae, steps, batch, lr, seed, log, patterns=toy.PATTERN_PROB):
             z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator).to(device)
         decoded = vae.decode(z)
         loss = F.l1_loss(decoded, x) + F.mse_loss(decoded, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        for group in opt.param_groups:  # cosine decay to 0
-            group["lr"] = lr * 0.5 * (1 + np.cos(np.pi * (step + 1) / steps))
+        cosine_step(opt, loss, lr, step, steps)
         if step % 50 == 0 or step == steps - 1:
             log(f"decoder step {step:5d}/{steps}  loss {loss.item():.4f}")
     return vae.eval().requires_grad_(False)
