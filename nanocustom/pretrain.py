@@ -622,7 +622,8 @@ def main(argv=None):
     p.add_argument("--finish-scenes", type=int, default=FINISH_SCENES)
     p.add_argument("--pairs", type=float, default=PAIRS, help="fraction of scenes with two objects")
     p.add_argument("--patterns", type=float, default=toy.PATTERN_PROB,
-                   help="fraction of objects patterned (more: a continuation that teaches the patterns)")
+                   help="fraction of objects patterned in stages 2 and 3 and --decoder-steps (more: a continuation "
+                        "that teaches the patterns)")
     p.add_argument("--device", default="cpu", help="cuda trains the same recipe in minutes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
