@@ -534,6 +534,11 @@ def _word(o, attribute):
     return str(getattr(o, attribute))
 
 
+def shows_asked_patterns(seen, spec):
+    """Does the seen Scene hold every pattern the partial Scene spec asks for (whatever their shapes or colours)?"""
+    return {o.pattern for o in spec.objects} - {None} <= {o.pattern for o in seen.objects}
+
+
 # The quick protocol's patterned prompts: every pattern, never on its concept's shape in its concept's colours.
 PATTERNED_PROMPTS = ["a red and white striped circle", "a blue and yellow split heart",
                      "a white and black dotted square", "a yellow and black checked cross",
@@ -556,7 +561,7 @@ def round_trips(sd, per_prompt=8, per_concept=16):
         spec = toy.parse_caption(prompt)
         for seen in toy.describe(through_vae(toy.render_prompt(prompt, per_prompt, seed=[i, 7]))):
             total, right = total + 1, right + toy.satisfies(seen, spec)
-            pattern_seen += {o.pattern for o in spec.objects} - {None} <= {o.pattern for o in seen.objects}
+            pattern_seen += shows_asked_patterns(seen, spec)
     report = {"patterned adherence": right / total, "asked pattern seen": pattern_seen / total}
     for name in toy.CONCEPTS:
         prompt = f"a {toy.DEFAULT_TOKENS[name]} {toy.CONCEPTS[name].shape}"
@@ -586,7 +591,7 @@ def diagnose(sd, n_single=12, n_double=8, n_patterned=8, per_prompt=8, steps=25,
             images = generate(sd, [prompt] * per_prompt, steps=steps, guidance=guidance, seed=i, progress=False)
             for seen in toy.describe(images):
                 total, right = total + 1, right + toy.satisfies(seen, spec)
-                pattern_seen += {o.pattern for o in spec.objects} - {None} <= {o.pattern for o in seen.objects}
+                pattern_seen += shows_asked_patterns(seen, spec)
                 wrong["background"] += spec.background is not None and seen.background != spec.background
                 if len(seen.objects) != len(spec.objects):
                     wrong["count"] += 1
