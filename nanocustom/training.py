@@ -2,6 +2,12 @@
 images, masked to the valid latent region (Kumari et al., Training details), plus lambda times the same loss on
 regularisation images of the class (prior preservation, SVDiff Eq. 3), then one optimizer step on the delta.
 
+L_simple is a loss on the noise eps, as all three papers train SD v1. A model that predicts v instead (the
+shapes model, under a zero-terminal-SNR schedule) has its output read as eps, which weighs the v error by abar_t:
+||eps - eps_hat||^2 = abar_t ||v - v_hat||^2. Near T, where abar_t -> 0, the v error is the model's guess of a
+whole image from its caption, which a few images cannot teach and which on the shapes model ruled a plain v-loss:
+every method drew smears of the concept images' background colours (README, "Session 13").
+
 The frozen weights may be half precision while the trained tensors stay fp32: the forward runs under autocast.
 Two ways to spend less per step, both leaving the result unchanged:
 
@@ -121,11 +127,12 @@ def training_step(sd, batch, opt, generator, dtype, prior_weight=1.0, cache=None
     noise = torch.randn(x0.shape, generator=generator).to(x0)
     t = torch.randint(0, diffusion.T, (x0.shape[0],), generator=generator).to(sd.device)
     watch, unmix_term = unmix.observe(batch) if unmix and batch["cutmix"].any() else (nullcontext(), None)
+    x_t = diffusion.add_noise(x0, noise, t)
     with torch.autocast(sd.device.type, dtype=dtype, enabled=dtype != torch.float32), watch:
         context = encode_text(sd, batch["prompts"]) if cache is None else cache.text_features(batch["prompts"])
-        prediction = sd.unet(diffusion.add_noise(x0, noise, t), t, context)
-    target = diffusion.target(x0, noise, t, sd.prediction_type)  # noise itself for SD v1's eps-prediction
-    loss = masked_loss(prediction, target, batch["masks"].to(sd.device), batch["is_reg"].to(sd.device), prior_weight)
+        prediction = sd.unet(x_t, t, context)
+    eps = prediction if sd.prediction_type == "eps" else diffusion.split(prediction, x_t, t, sd.prediction_type)[1]
+    loss = masked_loss(eps, noise, batch["masks"].to(sd.device), batch["is_reg"].to(sd.device), prior_weight)
     if unmix_term is not None:
         loss = loss + unmix_term()
     if not torch.isfinite(loss):

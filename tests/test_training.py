@@ -138,3 +138,38 @@ def test_training_step_learns_the_models_prediction_type(monkeypatch):
             losses[model_type, oracle_type] = training_step(sd, a_batch(), opt, g, torch.float32).item()
     assert losses["eps", "eps"] < 1e-8 and losses["v", "v"] < 1e-8
     assert losses["eps", "v"] > 0.1 and losses["v", "eps"] > 0.1
+
+
+class Recorder(torch.nn.Module):
+    """A stand-in UNet with a fixed, wrong output, that keeps the x_t and t it was given."""
+
+    def __init__(self, out):
+        super().__init__()
+        self.out, self.seen = torch.nn.Parameter(out), []
+
+    def forward(self, x_t, t, context):
+        self.seen.append((x_t, t))
+        return self.out
+
+
+def test_a_v_models_loss_is_l_simple_on_eps_that_is_v_error_times_abar(monkeypatch):
+    """For a v-predicting model the step's loss is ||eps - eps_hat||^2 (DDPM Eq. 14), which is abar_t times the v
+    error, per sample: near T under zero terminal SNR (abar_t -> 0) the v error counts for nothing."""
+    import nanocustom.training
+    x0 = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+    monkeypatch.setattr(nanocustom.training, "images_to_latents", lambda sd, images, generator=None: x0)
+    sd = tiny_model()
+    sd.prediction_type, sd.schedule = "v", ZERO_SNR
+    sd.unet = Recorder(torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(3)))
+    batch = a_batch()
+    batch["is_reg"] = torch.zeros(4, dtype=torch.bool)
+    loss = training_step(sd, batch, torch.optim.SGD(sd.unet.parameters(), lr=0.0), torch.Generator().manual_seed(0),
+                         torch.float32)
+    (x_t, t), = sd.unet.seen
+    d = sd.diffusion
+    sa, s1a = d.sqrt_abar(t, x0)
+    noise = (x_t - sa * x0) / s1a
+    v_error = (sd.unet.out.detach() - d.target(x0, noise, t, "v")).pow(2).mean((1, 2, 3))
+    expected = (sa.flatten() ** 2 * v_error).mean()
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(loss.detach(), v_error.mean(), rtol=1e-2)  # not the plain v-loss
