@@ -101,3 +101,27 @@ def test_sample_out_in_an_unwritable_directory_is_refused(tmp_path, monkeypatch)
     monkeypatch.setattr(sample.os, "access", lambda path, mode: False)
     refused(lambda: sample.main(["--out", str(tmp_path / "out")]), "is not writable")
     assert not (tmp_path / "out").exists()
+
+
+def checked(*extra):
+    args = train.parse_args(["--method", "custom", "--concept", "c", "--prompt", "photo of a <new1> square",
+                             "--out", "delta.safetensors", *extra])
+    train.check_args(args)
+    return args
+
+
+def test_the_shapes_model_trains_on_its_images_as_they_are_at_its_own_rates(tmp_path, monkeypatch):
+    """No --ckpt: SHAPES_DEFAULTS, no resize augmentation, no flips, features cached; --augment restores the
+    paper's augmentation; a --ckpt (SD v1) keeps the papers' rates and augmentation."""
+    monkeypatch.chdir(tmp_path)
+    shapes = checked()
+    assert (shapes.lr, shapes.batch_size, shapes.steps) == train.SHAPES_DEFAULTS["custom"]
+    assert shapes.no_augment and shapes.cache and shapes.flip_p == 0.0
+    augmented = checked("--augment")
+    assert not augmented.no_augment and not augmented.cache and augmented.flip_p == 0.5
+    sd_v1 = checked("--ckpt", "weights/v1-5-pruned-emaonly.safetensors")
+    assert (sd_v1.lr, sd_v1.batch_size, sd_v1.steps) == train.DEFAULTS["custom"]
+    assert not sd_v1.no_augment and not sd_v1.cache and sd_v1.flip_p == 0.5
+    assert checked("--cutmix").cache is False  # cut-mix composites are drawn anew: nothing to cache
+    with pytest.raises(NanocustomError, match="--augment contradicts"):
+        checked("--augment", "--cache")
