@@ -7,9 +7,10 @@
 
 Repeat --concept/--prompt for joint training, one modifier token per concept. The loss is DDPM's L_simple
 (Ho et al. 2020 Eq. 14) on the augmented target images (on the shapes model, the images as they are: see
-SHAPES_DEFAULTS), masked to the valid latent region (Kumari et al., Training details), plus lambda times the same loss on regularisation images of the class (prior preservation,
-SVDiff Eq. 3). The delta is written atomically, checkpointed every --save-every steps (with `--resume` to go on),
-kept on Ctrl-C, and a non-finite loss stops training with the last good delta saved.
+SHAPES_DEFAULTS), masked to the valid latent region (Kumari et al., Training details), plus lambda times the same
+loss on regularisation images of the class (prior preservation, SVDiff Eq. 3). The delta is written atomically,
+checkpointed every --save-every steps (with `--resume` to go on), kept on Ctrl-C, and a non-finite loss stops
+training with the last good delta saved.
 """
 import argparse
 import os
@@ -77,7 +78,8 @@ def parse_args(argv=None):
 
 def check_args(args):
     shapes_model = args.ckpt is None
-    for flag, default in zip(("lr", "batch_size", "steps"), (SHAPES_DEFAULTS if shapes_model else DEFAULTS)[args.method]):
+    defaults = (SHAPES_DEFAULTS if shapes_model else DEFAULTS)[args.method]
+    for flag, default in zip(("lr", "batch_size", "steps"), defaults):
         if getattr(args, flag) is None:
             setattr(args, flag, default)
     if args.augment and (args.no_augment or args.cache):
