@@ -65,7 +65,11 @@ def parse_args(argv=None):
     p.add_argument("--unmix-weight", type=float, default=0.0, help="with --cutmix: weight of the unmix attention "
                                                                    "regulariser (SVDiff App. D.1 Eq. 10; 0: off)")
     p.add_argument("--train-attn2", action="store_true", help="Custom Diffusion: train all of attn2, not only K/V")
+    p.add_argument("--train-tokens", action="store_true", help="SVDiff/residuals: train the modifier token rows "
+                   "too (Ham et al. Table 3's 'update token embedding'; Custom Diffusion always does)")
     p.add_argument("--subset", default="all", help="SVDiff: the layer subset of Han et al. Table 1")
+    p.add_argument("--rank-fraction", type=float, default=None, help="residuals: rank r_i = FRACTION x m_i "
+                   "(default 0.05, Ham et al. §4.1; their Table 5 varies it)")
     p.add_argument("--ckpt", default=None, help="base model (default: the shapes model)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="frozen weights' dtype (default: fp16 on CUDA)")
@@ -82,6 +86,10 @@ def check_args(args):
     for flag, default in zip(("lr", "batch_size", "steps"), defaults):
         if getattr(args, flag) is None:
             setattr(args, flag, default)
+    if args.rank_fraction is not None and args.method != "residual":
+        raise NanocustomError("--rank-fraction sets the residuals' rank; use it with --method residual")
+    if args.train_tokens and args.method == "custom":
+        raise NanocustomError("--train-tokens: Custom Diffusion always trains its modifier tokens; drop the flag")
     if args.augment and (args.no_augment or args.cache):
         raise NanocustomError("--augment contradicts --no-augment and --cache; keep one")
     if shapes_model and not args.augment:
@@ -150,7 +158,9 @@ def main(argv=None):
     unmix = Unmix(sd, [c.token for c in concepts], args.unmix_weight) if args.unmix_weight > 0 else None
     sd.unet.gradient_checkpointing = args.grad_checkpointing
     options = {"custom": {"train": "attn2" if args.train_attn2 else "kv"}, "svdiff": {"subset": args.subset},
-               "residual": {}}[args.method]
+               "residual": {"rank_fraction": 0.05 if args.rank_fraction is None else args.rank_fraction}}[args.method]
+    if args.train_tokens:
+        options["train_tokens"] = True
     delta = attach(sd, args.method, tokens=[c.token for c in concepts], **options)
     trainable = delta.trainable(args.lr)
     for p in (p for group in trainable for p in group["params"]):

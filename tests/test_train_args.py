@@ -125,3 +125,25 @@ def test_the_shapes_model_trains_on_its_images_as_they_are_at_its_own_rates(tmp_
     assert checked("--cutmix").cache is False  # cut-mix composites are drawn anew: nothing to cache
     with pytest.raises(NanocustomError, match="--augment contradicts"):
         checked("--augment", "--cache")
+
+
+def test_method_specific_flags_are_refused_where_they_mean_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(NanocustomError, match="--rank-fraction sets the residuals' rank"):
+        checked("--rank-fraction", "0.1")  # checked() trains Custom Diffusion
+    with pytest.raises(NanocustomError, match="Custom Diffusion always trains its modifier tokens"):
+        checked("--train-tokens")
+
+
+def test_rank_fraction_and_train_tokens_reach_the_residuals(tiny, concept, tmp_path):
+    """r_i = round(fraction x m_i) (Ham et al. §4.1 / Table 5), and --train-tokens adds the token rows to the
+    trained tensors (their Table 3 ablation): both are in the saved delta."""
+    from nanocustom.personalize import read_delta_metadata
+    from safetensors.torch import load_file
+    out = tmp_path / "d.safetensors"
+    train.main(argv(tiny, concept, out, "--rank-fraction", "0.25", "--train-tokens"))
+    ranks = {k: v.shape[1] for k, v in load_file(out).items() if k.endswith(".A")}
+    assert ranks and set(ranks.values()) == {8}, ranks  # the tiny UNet's proj_out has m = 32 channels
+    assert read_delta_metadata(out)["options"]["train_tokens"] is True
+    with pytest.raises(NanocustomError, match="rank_fraction=0.0: must be in"):
+        train.main(argv(tiny, concept, tmp_path / "e.safetensors", "--rank-fraction", "0"))
