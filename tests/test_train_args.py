@@ -138,12 +138,20 @@ def test_method_specific_flags_are_refused_where_they_mean_nothing(tmp_path, mon
 def test_rank_fraction_and_train_tokens_reach_the_residuals(tiny, concept, tmp_path):
     """r_i = round(fraction x m_i) (Ham et al. §4.1 / Table 5), and --train-tokens adds the token rows to the
     trained tensors (their Table 3 ablation): both are in the saved delta."""
-    from nanocustom.personalize import read_delta_metadata
     from safetensors.torch import load_file
-    out = tmp_path / "d.safetensors"
-    train.main(argv(tiny, concept, out, "--rank-fraction", "0.25", "--train-tokens"))
-    ranks = {k: v.shape[1] for k, v in load_file(out).items() if k.endswith(".A")}
-    assert ranks and set(ranks.values()) == {8}, ranks  # the tiny UNet's proj_out has m = 32 channels
-    assert read_delta_metadata(out)["options"]["train_tokens"] is True
+
+    from nanocustom.checkpoint import load
+    from nanocustom.personalize import RARE_TOKENS
+    rare_row = load(tiny).text_encoder.embeddings.token_embedding.weight[RARE_TOKENS[0]]
+    rows = {}
+    for extra in ([], ["--train-tokens"]):
+        out = tmp_path / f"d{len(extra)}.safetensors"
+        train.main(argv(tiny, concept, out, "--rank-fraction", "0.25", *extra))
+        tensors = load_file(out)
+        ranks = {k: v.shape[1] for k, v in tensors.items() if k.endswith(".A")}
+        assert ranks and set(ranks.values()) == {8}, ranks  # the tiny UNet's proj_out has m = 32 channels
+        rows[len(extra)] = tensors["modifier_tokens"][0]
+    assert torch.equal(rows[0], rare_row)  # frozen by default: the rare token's row as it was
+    assert not torch.equal(rows[1], rare_row)  # trained
     with pytest.raises(NanocustomError, match="rank_fraction=0.0: must be in"):
         train.main(argv(tiny, concept, tmp_path / "e.safetensors", "--rank-fraction", "0"))
