@@ -88,6 +88,9 @@ def check_args(args):
             setattr(args, flag, default)
     if args.rank_fraction is not None and args.method != "residual":
         raise NanocustomError("--rank-fraction sets the residuals' rank; use it with --method residual")
+    if args.rank_fraction is not None and not 0 < args.rank_fraction <= 1:  # also nan
+        raise NanocustomError(f"--rank-fraction {args.rank_fraction} is out of range; use a fraction in (0, 1], "
+                              "e.g. the paper's 0.05")
     if args.train_tokens and args.method == "custom":
         raise NanocustomError("--train-tokens: Custom Diffusion always trains its modifier tokens; drop the flag")
     if args.augment and (args.no_augment or args.cache):

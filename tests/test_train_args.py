@@ -153,5 +153,7 @@ def test_rank_fraction_and_train_tokens_reach_the_residuals(tiny, concept, tmp_p
         rows[len(extra)] = tensors["modifier_tokens"][0]
     assert torch.equal(rows[0], rare_row)  # frozen by default: the rare token's row as it was
     assert not torch.equal(rows[1], rare_row)  # trained
-    with pytest.raises(NanocustomError, match="rank_fraction=0.0: must be in"):
-        train.main(argv(tiny, concept, tmp_path / "e.safetensors", "--rank-fraction", "0"))
+    for bad in ("0", "1.5", "nan"):
+        refused(lambda: train.main(argv(tiny, concept, tmp_path / "e.safetensors", "--rank-fraction", bad)),
+                f"--rank-fraction {float(bad)} is out of range")
+    assert not (tmp_path / "e.safetensors").exists()
