@@ -51,6 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--force", action="store_true", help="apply deltas made for another base model")
     p.add_argument("--lag", action="store_true", help="LAG sampling (Ham et al. §3.3): the residual delta only "
                                                       "where the concept's tokens attend")
+    p.add_argument("--base-uncond", action="store_true", help="residual delta: guidance's unconditional prediction "
+                   "from the base model, the residuals on the conditional one only (not the papers'; see README)")
     p.add_argument("--attn-maps", action="store_true", help="also save per-token cross-attention heatmaps")
     p.add_argument("--out", default="out", help="output directory (created if its parent exists)")
     return p.parse_args(argv)
@@ -80,13 +82,13 @@ def check_args(args):
                               "pass --delta FILE")
 
 
-def apply_deltas(sd, paths, force, how="lagrangian", save_to=None, keep_unfolded=False, keep=None):
+def apply_deltas(sd, paths, force, how="lagrangian", save_to=None, keep_unfolded=None, keep=None):
     """Load the deltas (several: combined into one, nanocustom.merge.combine), optionally compress it (Kumari et al.
     App. B: W - W0 in low rank, `keep` of the sum of singular values) and save the result, and fold it into the
-    weights; LAG keeps a residual delta unfolded."""
+    weights. keep_unfolded: the flag ("--lag", "--base-uncond") that needs a residual delta kept unfolded."""
     if not paths:
         if keep_unfolded:
-            raise NanocustomError("--lag needs a personalized-residuals delta: pass --delta FILE")
+            raise NanocustomError(f"{keep_unfolded} needs a personalized-residuals delta: pass --delta FILE")
         return
     this = base_fingerprint(sd)
     for path in paths:  # as load_delta and combine check, with the flag's name in the way out
@@ -114,8 +116,8 @@ def apply_deltas(sd, paths, force, how="lagrangian", save_to=None, keep_unfolded
         save_delta(delta, save_to)
         print(f"wrote the combined delta to {save_to}")
     if keep_unfolded and delta.method != "residual":
-        raise NanocustomError(f"--lag needs a personalized-residuals delta, got {delta.method}: LAG blends the base "
-                              "and personalised proj_out features, which only residuals keep apart")
+        raise NanocustomError(f"{keep_unfolded} needs a personalized-residuals delta, got {delta.method}: it blends "
+                              "the base and personalised proj_out features, which only residuals keep apart")
     if not keep_unfolded:
         delta.fold()
 
@@ -140,14 +142,16 @@ def main(argv=None):
     if args.ckpt is None:
         print(f"using the shapes model ({DEFAULT_CHECKPOINT.name}); pass --ckpt for Stable Diffusion v1")
     sd = load(args.ckpt, device=args.device, dtype=dtype)
-    apply_deltas(sd, args.delta, args.force, args.merge, args.save_delta, keep_unfolded=args.lag, keep=args.compress)
+    unfolded = "--lag" if args.lag else "--base-uncond" if args.base_uncond else None
+    apply_deltas(sd, args.delta, args.force, args.merge, args.save_delta, keep_unfolded=unfolded, keep=args.compress)
     check_tokens(sd, [args.prompt, args.negative_prompt])
     height, width = args.height or sd.resolution, args.width or sd.resolution
     f = sd.vae.downsampling_factor
     maps = AttentionMaps(args.n, (height // f, width // f)) if args.attn_maps else None
     images = generate(sd, [args.prompt] * args.n, negative_prompt=args.negative_prompt, steps=args.steps,
                       sampler=args.sampler, eta=args.eta, guidance=args.guidance, seed=args.seed,
-                      height=height, width=width, lag=args.lag, attention_maps=maps)
+                      height=height, width=width, lag=args.lag, attention_maps=maps,
+                      base_unconditional=args.base_uncond)
     out = Path(args.out)
     out.mkdir(exist_ok=True)
     for i, image in enumerate(images):

@@ -51,16 +51,16 @@ def samples(sd, prompt, n, seed=0, **options):
     return generate(sd, [prompt] * n, steps=STEPS, guidance=GUIDANCE, seed=seed, progress=False, **options)
 
 
-def concept_scores(sd, name, n):
+def concept_scores(sd, name, n, **options):
     """Presence of the concept for its prompts; for the class prompt, how often it gives a plain member of the
-    class (prompt adherence of "a square") and how often the concept leaks into it."""
+    class (prompt adherence of "a square") and how often the concept leaks into it. `options` go to generate."""
     shape = toy.CONCEPTS[name].shape
     scores = {}
     if toy.DEFAULT_TOKENS[name] in sd.tokenizer.added_tokens:
-        images = np.concatenate([samples(sd, concept_prompt(name, photo), n, seed=s)
+        images = np.concatenate([samples(sd, concept_prompt(name, photo), n, seed=s, **options)
                                  for s, photo in enumerate((True, False))])
         scores["presence"] = toy.concept_presence(images, name)
-    plain = samples(sd, f"a {shape}", n, seed=7)
+    plain = samples(sd, f"a {shape}", n, seed=7, **options)
     scores["class prompt: plain member"] = toy.prompt_adherence(plain, f"a {shape}")
     scores["class prompt: concept leaks"] = toy.concept_presence(plain, name)
     return scores
@@ -83,6 +83,8 @@ def personalize(work, n, quick):
         sd = load()
         load_delta(sd, train(work / f"{method}.safetensors", method, [A], *steps))
         results[method] = concept_scores(sd, A, n)
+    # the same residuals, guidance's unconditional prediction from the base model (not the papers' sampler)
+    results["residual, base unconditional"] = concept_scores(sd, A, n, base_unconditional=True)
     sd = load()
     reg = reg_folder(work / "reg", toy.CONCEPTS[A].shape, 8 if quick else 64)
     load_delta(sd, train(work / "custom-reg.safetensors", "custom", [A], "--reg-dir", reg, *steps))

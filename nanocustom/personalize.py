@@ -453,11 +453,13 @@ class ResidualConv(nn.Module):
       callable  mask(self) -> tensor or None, called during the forward: LAG sampling sets one per layer that
                 returns the binarised attention map it recorded in this block's attn2 earlier in the same UNet
                 pass (`self.name` says which block), so LAG costs no extra UNet evaluation.
+    `branch`, when not None, [B, 1, 1, 1] of 0/1, multiplies M per batch row: 0 on the unconditional half of a
+    guided batch gives that half the base model's prediction (pipeline.generate's base_unconditional).
     """
 
     def __init__(self, base, rank, name):
         super().__init__()
-        self.base, self.name, self.mask = base, name, None
+        self.base, self.name, self.mask, self.branch = base, name, None, None
         m, n, kw = base.out_channels, base.in_channels, dict(device=base.weight.device, dtype=base.weight.dtype)
         # §4.1 says only "each of the low-rank matrices are randomly initialized". We start the output side A at
         # zero and B random, as LoRA does (Hu et al.; cloneofsimo/lora: "up" zero, "down" N(0, 1/r)): Delta W = 0,
@@ -479,6 +481,8 @@ class ResidualConv(nn.Module):
     def forward(self, x):
         f, r = self.base(x), self.residual(x)
         M = self.mask(self) if callable(self.mask) else self.mask
+        if self.branch is not None:
+            M = self.branch if M is None else M * self.branch
         return f + r if M is None else f + M * r  # Eq. 3: (1 - M) ⊙ f + M ⊙ f' = f + M ⊙ (f' - f)
 
 

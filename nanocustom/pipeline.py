@@ -3,7 +3,7 @@
 Classifier-free guidance (Ho & Salimans 2022): eps = eps(x, "") + w * (eps(x, prompt) - eps(x, "")), with the
 empty prompt replaced by a negative prompt when one is given. The latent scale is applied here and only here.
 """
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -55,9 +55,14 @@ def check_size(sd, height, width):
 
 @torch.no_grad()
 def generate(sd, prompts, negative_prompt="", steps=50, sampler="ddim", eta=0.0, guidance=7.5, seed=0,
-             height=None, width=None, latents=None, progress=True, callback=None, lag=False, attention_maps=None):
+             height=None, width=None, latents=None, progress=True, callback=None, lag=False, attention_maps=None,
+             base_unconditional=False):
     """prompts (one per image) -> uint8 images [B, H, W, 3]. Pass `latents` to start from given noise; `lag`
-    (True or an attention.LAG) for LAG sampling; `attention_maps` (an attention.AttentionMaps) to record them."""
+    (True or an attention.LAG) for LAG sampling; `attention_maps` (an attention.AttentionMaps) to record them.
+    `base_unconditional`: with an unfolded personalized-residuals delta, the unconditional prediction of guidance
+    comes from the base model and the residuals act on the conditional one only. Not the papers' sampler (they
+    apply the residuals to both): a residual on every proj_out moves eps_uncond too, and guidance then amplifies
+    the base model's pull to the class rather than the residual (README, "The papers' claims, end to end")."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     height, width = height or sd.resolution, width or sd.resolution
     check_size(sd, height, width)
@@ -82,10 +87,29 @@ def generate(sd, prompts, negative_prompt="", steps=50, sampler="ddim", eta=0.0,
         lag = lag if isinstance(lag, LAG) else LAG(sd, prompts)
         observers.append(lag.observe)
         lag_applied = lag.applied(latents.shape[-1] / latents.shape[-2], use_guidance)
-    with observing(sd.unet, *observers), lag_applied:
+    branches = conditional_residuals(sd, len(prompts), use_guidance) if base_unconditional else nullcontext()
+    with observing(sd.unet, *observers), lag_applied, branches:
         x0 = sample(model_fn, latents, steps=steps, sampler=sampler, eta=eta, generator=generator,
                     prediction_type=sd.prediction_type, diffusion=sd.diffusion, progress=progress, callback=callback)
     return to_uint8(latents_to_images(sd, x0))
+
+
+@contextmanager
+def conditional_residuals(sd, n, guided):
+    """While active, a residual delta acts on the conditional half of a guided batch of 2n only."""
+    delta = getattr(sd, "delta", None)
+    if delta is None or delta.method != "residual":
+        method = "no delta" if delta is None else f"a {delta.method} delta"
+        raise NanocustomError(f"base_unconditional needs an unfolded personalized-residuals delta; the model has "
+                              f"{method}")
+    branch = torch.cat([torch.zeros(n), torch.ones(n)]).view(2 * n, 1, 1, 1) if guided else None
+    for layer in delta.layers.values():
+        layer.branch = None if branch is None else branch.to(layer.A.device, layer.base.weight.dtype)
+    try:
+        yield
+    finally:
+        for layer in delta.layers.values():
+            layer.branch = None
 
 
 def image_grid(images, columns=None):

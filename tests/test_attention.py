@@ -112,3 +112,37 @@ def test_lag_refuses_deltas_that_are_not_residuals(method, tmp_path, monkeypatch
     attach(sd, method, tokens=["<new1>"])
     with pytest.raises(NanocustomError, match=f"has a {method} delta"):
         LAG(sd, [PROMPT])
+
+
+def test_base_unconditional_gives_the_unconditional_half_the_base_prediction():
+    """pipeline.generate(base_unconditional=True): in a guided batch [uncond, cond] the residuals act on the
+    conditional rows only; the unconditional rows are the base model's, exactly."""
+    from nanocustom.pipeline import conditional_residuals, encode_prompts
+    sd = tiny()
+    delta = residual(sd)
+    n, x, t = 2, torch.randn(2, 4, 8, 8), torch.tensor([500, 500])
+    context = torch.cat([encode_prompts(sd, [""] * n), encode_prompts(sd, [PROMPT] * n)])
+    with torch.no_grad():
+        personalised = sd.unet(torch.cat([x, x]), torch.cat([t, t]), context)
+        for layer in delta.layers.values():
+            layer.mask = torch.zeros(1)
+        base = sd.unet(torch.cat([x, x]), torch.cat([t, t]), context)
+        for layer in delta.layers.values():
+            layer.mask = None
+        with conditional_residuals(sd, n, guided=True):
+            mixed = sd.unet(torch.cat([x, x]), torch.cat([t, t]), context)
+    assert not torch.allclose(personalised[:n], base[:n])  # the residuals do move the unconditional prediction
+    torch.testing.assert_close(mixed[:n], base[:n], rtol=0, atol=0)
+    torch.testing.assert_close(mixed[n:], personalised[n:], rtol=0, atol=0)
+    plain = generate(sd, [PROMPT], steps=3, progress=False, seed=1)
+    assert (generate(sd, [PROMPT], steps=3, progress=False, seed=1, base_unconditional=True) != plain).any()
+    assert all(layer.branch is None for layer in delta.layers.values())  # reset after sampling
+    unguided = generate(sd, [PROMPT], steps=3, progress=False, seed=1, guidance=1.0)  # no unconditional pass
+    assert (generate(sd, [PROMPT], steps=3, progress=False, seed=1, guidance=1.0, base_unconditional=True)
+            == unguided).all()
+
+
+def test_base_unconditional_refuses_a_model_without_a_residual_delta():
+    sd = tiny()
+    with pytest.raises(NanocustomError, match="base_unconditional needs an unfolded personalized-residuals delta"):
+        generate(sd, [PROMPT], steps=2, progress=False, base_unconditional=True)

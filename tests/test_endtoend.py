@@ -13,15 +13,15 @@ def fractions(tree):
 
 def test_every_experiment_runs_end_to_end_and_scores_fractions(tmp_path):
     results = endtoend.main(["all", "--quick", "--json", str(tmp_path / "e2e.json")])
-    assert list(results["personalize"]) == ["base model", "custom", "svdiff", "residual",
-                                            "custom + regularisation images"]
-    for method in ("custom", "svdiff", "residual", "custom + regularisation images"):
+    runs = ["custom", "svdiff", "residual", "residual, base unconditional", "custom + regularisation images"]
+    assert list(results["personalize"]) == ["base model", *runs]
+    for method in runs:
         assert set(results["personalize"][method]) == {"presence", "class prompt: plain member",
                                                        "class prompt: concept leaks"}
     assert "presence" not in results["personalize"]["base model"]  # the base model has no <new1> to ask for
     assert list(results["compose"]) == ["lagrangian merge", "add merge", "joint training"]
     assert all(set(r) == {"plain", "LAG"} for r in results["lag"].values())
     values = list(fractions(results))
-    assert len(values) == 2 + 4 * 3 + 3 * 3 + 3 * 2
+    assert len(values) == 2 + 5 * 3 + 3 * 3 + 3 * 2
     assert all(0.0 <= v <= 1.0 and not math.isnan(v) for v in values)
     assert (tmp_path / "e2e.json").is_file()

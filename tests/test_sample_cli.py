@@ -122,6 +122,9 @@ BAD_INPUTS = {
     "compress_without_delta": (["--compress", "0.5"], "--compress needs a delta"),
     "compress_residual": (["--delta", "{tmp}/residual.safetensors", "--compress", "0.5", "--save-delta",
                            "{tmp}/nope.safetensors"], "low-rank already"),
+    "base_uncond_without_delta": (["--base-uncond"], "--base-uncond needs a personalized-residuals delta"),
+    "base_uncond_custom": (["--delta", "{tmp}/custom.safetensors", "--base-uncond"],
+                           "--base-uncond needs a personalized-residuals delta, got custom"),
     "save_delta_in_a_missing_directory": (["--delta", "{tmp}/custom.safetensors", "--save-delta",
                                            "{tmp}/missing/d.safetensors"], "writable, existing directory"),
     "out_parent_missing": (["--out", "{tmp}/missing/out"], "is not an existing directory"),
@@ -139,6 +142,7 @@ GOOD_INPUTS = {
     "custom_compressed_0.3": ["--delta", "{tmp}/custom.safetensors", "--compress", "0.3", "--save-delta",
                               "{tmp}/low.safetensors"],
     "custom_from_the_compressed_file": ["--delta", "{tmp}/low.safetensors"],
+    "residual_base_uncond": ["--delta", "{tmp}/residual.safetensors", "--base-uncond"],
 }
 
 
