@@ -146,3 +146,14 @@ def test_base_unconditional_refuses_a_model_without_a_residual_delta():
     sd = tiny()
     with pytest.raises(NanocustomError, match="base_unconditional needs an unfolded personalized-residuals delta"):
         generate(sd, [PROMPT], steps=2, progress=False, base_unconditional=True)
+
+
+def test_base_unconditional_combines_with_lag():
+    """With LAG the factor multiplies M: the conditional half gets (1 - M) f + M f', the unconditional half f."""
+    sd = tiny()
+    delta = residual(sd)
+    lag_only = generate(sd, [PROMPT], steps=3, progress=False, seed=1, lag=True)
+    lag = LAG(sd, [PROMPT])
+    both = generate(sd, [PROMPT], steps=3, progress=False, seed=1, lag=lag, base_unconditional=True)
+    assert lag.masks and (both != lag_only).any()
+    assert all(layer.branch is None and layer.mask is None for layer in delta.layers.values())
