@@ -161,7 +161,9 @@ def main(argv=None):
     unmix = Unmix(sd, [c.token for c in concepts], args.unmix_weight) if args.unmix_weight > 0 else None
     sd.unet.gradient_checkpointing = args.grad_checkpointing
     options = {"custom": {"train": "attn2" if args.train_attn2 else "kv"}, "svdiff": {"subset": args.subset},
-               "residual": {"rank_fraction": 0.05 if args.rank_fraction is None else args.rank_fraction}}[args.method]
+               "residual": {}}[args.method]
+    if args.rank_fraction is not None:  # else the paper's 0.05, PersonalizedResiduals' default
+        options["rank_fraction"] = args.rank_fraction
     if args.train_tokens:
         options["train_tokens"] = True
     delta = attach(sd, args.method, tokens=[c.token for c in concepts], **options)

@@ -94,15 +94,21 @@ class AttentionMaps:
         return self.sum / self.count
 
 
+def residual_delta(sd, purpose):
+    """sd's unfolded personalized-residuals delta, which `purpose` needs to tell the base proj_out from f'."""
+    delta = getattr(sd, "delta", None)
+    if delta is None or delta.method != "residual":
+        method = "no delta" if delta is None else f"a {delta.method} delta"
+        raise NanocustomError(f"{purpose} needs an unfolded personalized-residuals delta (it blends the base and "
+                              f"personalised proj_out); the model has {method}: attach one with load_delta, unfolded")
+    return delta
+
+
 class LAG:
     """Localized attention-guided sampling (Ham et al. §3.3) for a personalized-residuals delta attached to sd."""
 
     def __init__(self, sd, prompts, positions=None):
-        delta = getattr(sd, "delta", None)
-        if delta is None or delta.method != "residual":
-            method = "no delta" if delta is None else f"a {delta.method} delta"
-            raise NanocustomError(f"LAG blends the base and personalised proj_out of a personalized-residuals delta; "
-                                  f"the model has {method}: attach one with load_delta, unfolded")
+        delta = residual_delta(sd, "LAG")
         self.sd, self.n = sd, len(prompts)
         self.positions = positions or [concept_positions(sd.tokenizer, p) for p in prompts]
         self.layers = {layer.name.removesuffix(".proj_out"): layer for layer in delta.layers.values()}

@@ -8,7 +8,7 @@ from contextlib import contextmanager, nullcontext
 import numpy as np
 import torch
 
-from nanocustom.attention import LAG, observing
+from nanocustom.attention import LAG, observing, residual_delta
 from nanocustom.diffusion import guided, sample
 from nanocustom.errors import NanocustomError
 
@@ -97,11 +97,7 @@ def generate(sd, prompts, negative_prompt="", steps=50, sampler="ddim", eta=0.0,
 @contextmanager
 def conditional_residuals(sd, n, guided):
     """While active, a residual delta acts on the conditional half of a guided batch of 2n only."""
-    delta = getattr(sd, "delta", None)
-    if delta is None or delta.method != "residual":
-        method = "no delta" if delta is None else f"a {delta.method} delta"
-        raise NanocustomError(f"base_unconditional needs an unfolded personalized-residuals delta; the model has "
-                              f"{method}")
+    delta = residual_delta(sd, "base_unconditional")
     branch = torch.cat([torch.zeros(n), torch.ones(n)]).view(2 * n, 1, 1, 1) if guided else None
     for layer in delta.layers.values():
         layer.branch = None if branch is None else branch.to(layer.A.device, layer.base.weight.dtype)
