@@ -7,7 +7,7 @@ Three stages and a half, one command. Stages 1 and 2 are Latent Diffusion's (Rom
      32 x 32 crops but for the last steps: four times the steps in the time (train_vae);
   1b. the text encoder, on captions alone: taught to parse them (train_text_encoder), then frozen, as SD v1's CLIP
      is. SD v1 reuses CLIP; ours is made here, since CLIP's weights are too big to ship, and made to bind each
-     colour to its own shape, which the diffusion loss alone never taught it (README, "Two objects");
+     colour to its own shape, which the diffusion loss alone never taught it (JOURNAL.md, "How the recipe came to be");
   2. the UNet, on scaled latents of captioned images, under SD v1's schedule with eps-prediction and the DDPM
      loss L_simple (Ho et al. 2020, Eq. 14; LDM Eq. 2), and 10% empty captions so that classifier-free guidance
      works (Ho & Salimans 2022, §3.2). Here the model learns to draw the shapes;
@@ -63,7 +63,7 @@ VAE_STEPS, VAE_CROP, VAE_FULL_STEPS = 2000, 32, 100  # stage 1's, of 8 images: 3
 TEXT_STEPS = 600  # stage 1b's, of 128 captions
 UNET_STEPS, SCENES = 1100, 10_000  # stage 2's, of 32 latents, from SCENES scenes encoded once (0: render afresh)
 FINISH_STEPS, FINISH_SCENES, FINISH_LR = 1300, 8_000, 5e-4  # stage 3's
-PAIRS = 0.7  # the fraction of scenes with two objects: binding is learnt from them (README, "Two objects")
+PAIRS = 0.7  # the fraction of scenes with two objects: binding is learnt from them (JOURNAL.md, "How the recipe came to be")
 
 
 def to_model_images(images):
@@ -118,8 +118,8 @@ def train_decoder(vae, steps, batch, lr, seed, log, patterns=toy.PATTERN_PROB):
     """Stage 1 continued: the decoder alone (and post_quant_conv) on whole images of the current world, the encoder
     frozen, so the latent space, and every UNet trained on it, stays as it was; Stability AI fine-tuned SD's VAE
     decoder the same way (sd-vae-ft-mse), for sharper images under the same UNet. For a VAE trained before the world
-    had patterns: its decoder drew a red and white striped square's round trip in other colours (README, "Why no
-    method learns the concepts"). L1 + MSE of the decoded posterior sample; no KL (the encoder does not train)."""
+    had patterns: its decoder drew a red and white striped square's round trip in other colours (JOURNAL.md, "Session
+    12: the decoder was a ceiling"). L1 + MSE of the decoded posterior sample; no KL (the encoder does not train)."""
     params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
     vae.eval().requires_grad_(False)
     vae.decoder.train()
@@ -218,7 +218,7 @@ def train_text_encoder(text_encoder, tokenizer, steps, batch, lr, seed, log, pai
     the whole scene off the other tokens (parse_targets). Captions only, no images: a few minutes on a CPU. The
     heads are dropped; the encoder is frozen from here on, as SD v1's is.
 
-    Measured (README "How the recipe came to be"): with CLIP's causal mask (session 8) only the shape word can
+    Measured (JOURNAL.md, "How the recipe came to be"): with CLIP's causal mask (session 8) only the shape word can
     know its colour, and the UNet kept reading the colour words themselves, which cannot say whose colour they are:
     two-object adherence stayed at 9.4% (quick protocol). Without the mask (TEXT_CONFIG, session 9) every word of
     an object's phrase is taught the whole object, and the shipped UNet continued on it went to 26.6%."""
@@ -331,7 +331,7 @@ class LossBalance:
     Why: under zero terminal SNR the v-loss near T is the error of guessing a whole scene from its caption, which
     no model can make small (per element about ten times the loss at t = 50 to 400, measured). Uniform in t,
     that part ruled the gradients: the session-5 model denoised worse than the session-2 model at every t. With
-    the balance the gap at mid t mostly closes, though from scratch the shapes stay blobs (README, "How the recipe
+    the balance the gap at mid t mostly closes, though from scratch the shapes stay blobs (JOURNAL.md, "How the recipe
     came to be")."""
 
     def __init__(self, T, bins=20, decay=0.99):
@@ -363,7 +363,7 @@ def train_diffusion(sd, steps, batch, lr, seed, log, ema_decay=0.999, samples=No
 
     zero_snr=True (stage 3): the leak removed, Lin et al. §3.1-3.3: the schedule rescaled to SNR(T) = 0,
     v-prediction (eps says nothing about x0 at T) and sampling from T ("trailing" spacing); and the loss balanced
-    across timesteps (LossBalance). From scratch this draws blobs (README, "How the recipe came to be"): the loss
+    across timesteps (LossBalance). From scratch this draws blobs (JOURNAL.md, "How the recipe came to be"): the loss
     near T rules the gradients. After stage 2 it teaches the backgrounds and keeps the shapes.
 
     pairs, patterns: the fraction of scenes with two objects, of objects patterned (toy.random_scene)."""
