@@ -31,8 +31,8 @@ from nanocustom.training import FeatureCache, Unmix, training_step
 # Paper defaults: (learning rate, batch size, steps). Custom Diffusion: 1e-5 scaled by the batch size (§4); SVDiff:
 # App. A; personalized residuals: §4.1.
 DEFAULTS = {"custom": (1e-5 * 8, 8, 250), "svdiff": (1e-3, 4, 500), "residual": (1e-3, 4, 150)}
-# On the shapes model (no --ckpt), measured in session 13 with training seed 0 (README, "The papers' claims, end
-# to end"; a second seed gave less): the papers' rates move too little at this scale (Custom Diffusion 8e-5:
+# On the shapes model (no --ckpt), measured in session 13 on the model then shipped, training seed 0 (JOURNAL.md;
+# README, "The papers' claims, end to end"): the papers' rates move too little at this scale (Custom Diffusion 8e-5:
 # presence 0%, 1e-3: 62.5%; SVDiff in 300 steps, within 3 CPU minutes, 1e-3: 0%, 1e-2: 9.4%, 3e-2: 46.9%, 6e-2:
 # 68.8%; residuals 1e-3: 0%, 1e-2 in 500 steps: 15.6%), and the resize augmentation and flips are off: the
 # concept images already vary size and position, and a 64 px scene shrunk to 0.4 S keeps no stripes (K/V trained
