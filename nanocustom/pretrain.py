@@ -63,7 +63,7 @@ VAE_STEPS, VAE_CROP, VAE_FULL_STEPS = 2000, 32, 100  # stage 1's, of 8 images: 3
 TEXT_STEPS = 600  # stage 1b's, of 128 captions
 UNET_STEPS, SCENES = 1100, 10_000  # stage 2's, of 32 latents, from SCENES scenes encoded once (0: render afresh)
 FINISH_STEPS, FINISH_SCENES, FINISH_LR = 1300, 8_000, 5e-4  # stage 3's
-PAIRS = 0.7  # the fraction of scenes with two objects: binding is learnt from them (JOURNAL.md, "How the recipe came to be")
+PAIRS = 0.7  # the fraction of scenes with two objects: binding is learnt from them (JOURNAL.md)
 
 
 def to_model_images(images):
