@@ -85,10 +85,11 @@ def check_args(args):
 def apply_deltas(sd, paths, force, how="lagrangian", save_to=None, keep_unfolded=None, keep=None):
     """Load the deltas (several: combined into one, nanocustom.merge.combine), optionally compress it (Kumari et al.
     App. B: W - W0 in low rank, `keep` of the sum of singular values) and save the result, and fold it into the
-    weights. keep_unfolded: the flag ("--lag", "--base-uncond") that needs a residual delta kept unfolded."""
+    weights. keep_unfolded: the flags ("--lag", "--base-uncond", both) that need a residual delta kept unfolded."""
+    needs = "need" if " and " in (keep_unfolded or "") else "needs"
     if not paths:
         if keep_unfolded:
-            raise NanocustomError(f"{keep_unfolded} needs a personalized-residuals delta: pass --delta FILE")
+            raise NanocustomError(f"{keep_unfolded} {needs} a personalized-residuals delta: pass --delta FILE")
         return
     this = base_fingerprint(sd)
     for path in paths:  # as load_delta and combine check, with the flag's name in the way out
@@ -116,8 +117,8 @@ def apply_deltas(sd, paths, force, how="lagrangian", save_to=None, keep_unfolded
         save_delta(delta, save_to)
         print(f"wrote the combined delta to {save_to}")
     if keep_unfolded and delta.method != "residual":
-        raise NanocustomError(f"{keep_unfolded} needs a personalized-residuals delta, got {delta.method}: it blends "
-                              "the base and personalised proj_out features, which only residuals keep apart")
+        raise NanocustomError(f"{keep_unfolded} {needs} a personalized-residuals delta, got {delta.method}: only "
+                              "residuals keep the base and personalised proj_out features apart, to blend them")
     if not keep_unfolded:
         delta.fold()
 
@@ -142,7 +143,7 @@ def main(argv=None):
     if args.ckpt is None:
         print(f"using the shapes model ({DEFAULT_CHECKPOINT.name}); pass --ckpt for Stable Diffusion v1")
     sd = load(args.ckpt, device=args.device, dtype=dtype)
-    unfolded = "--lag" if args.lag else "--base-uncond" if args.base_uncond else None
+    unfolded = " and ".join(flag for flag, on in (("--lag", args.lag), ("--base-uncond", args.base_uncond)) if on)
     apply_deltas(sd, args.delta, args.force, args.merge, args.save_delta, keep_unfolded=unfolded, keep=args.compress)
     check_tokens(sd, [args.prompt, args.negative_prompt])
     height, width = args.height or sd.resolution, args.width or sd.resolution

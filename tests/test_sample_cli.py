@@ -125,6 +125,8 @@ BAD_INPUTS = {
     "base_uncond_without_delta": (["--base-uncond"], "--base-uncond needs a personalized-residuals delta"),
     "base_uncond_custom": (["--delta", "{tmp}/custom.safetensors", "--base-uncond"],
                            "--base-uncond needs a personalized-residuals delta, got custom"),
+    "lag_and_base_uncond_custom": (["--delta", "{tmp}/custom.safetensors", "--lag", "--base-uncond"],
+                                   "--lag and --base-uncond need a personalized-residuals delta, got custom"),
     "save_delta_in_a_missing_directory": (["--delta", "{tmp}/custom.safetensors", "--save-delta",
                                            "{tmp}/missing/d.safetensors"], "writable, existing directory"),
     "out_parent_missing": (["--out", "{tmp}/missing/out"], "is not an existing directory"),
