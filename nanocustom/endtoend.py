@@ -5,7 +5,8 @@
                                                 #   regularisation images (Kumari et al. Table 3)
     python -m nanocustom.endtoend compose       # two concepts: Lagrangian merge vs addition vs joint training
                                                 #   (Kumari et al. Table 7)
-    python -m nanocustom.endtoend lag           # background preservation with and without LAG (Ham et al. §3.3)
+    python -m nanocustom.endtoend lag           # background preservation with and without LAG (Ham et al. §3.3),
+                                                #   for the concept's images and for it shot on one background
     python -m nanocustom.endtoend all --quick   # fewer steps and images: the CI version
 
 Training runs `train.py` as a user would (a subprocess, its defaults unless said here); sampling is 25 DDIM steps
@@ -30,13 +31,16 @@ from nanocustom.pipeline import generate
 
 STEPS, GUIDANCE = 25, 6.0
 A, B = "striped_square", "split_circle"  # the two concepts of the composition experiment
+LAG_BACKGROUNDS = ("blue", "green", "white", "gray", "purple", "orange")  # not yellow, the one-background set's
 
 
-def train(out, method, concepts, *flags):
-    """python train.py --method METHOD --concept DIR --prompt "photo of a <newK> class" ... --out OUT."""
+def train(out, method, concepts, *flags, folders=None):
+    """python train.py --method METHOD --concept DIR --prompt "photo of a <newK> class" ... --out OUT; each
+    concept's DIR is its shipped folder unless `folders` names another."""
     argv = [sys.executable, str(REPO_ROOT / "train.py"), "--method", method, "--out", str(out), *map(str, flags)]
     for name in concepts:
-        argv += ["--concept", str(toy.CONCEPTS_DIR / name), "--prompt", concept_prompt(name)]
+        folder = (folders or {}).get(name, toy.CONCEPTS_DIR / name)
+        argv += ["--concept", str(folder), "--prompt", concept_prompt(name)]
     run = subprocess.run(argv, capture_output=True, text=True)
     if run.returncode != 0:
         raise RuntimeError(f"train.py failed ({run.returncode}): {run.stderr.strip().splitlines()[-1:]}")
@@ -115,16 +119,37 @@ def compose(work, n, quick):
     return results
 
 
+def one_background_folder(folder, name, background, n=6):
+    """n images of the concept, all on one background: a subject always photographed in the same place, the
+    case Ham et al. §3.3 give for LAG (residuals that have not told the concept from its surroundings)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        scene = toy.complete_scene(toy.Scene([toy.Obj(toy.CONCEPTS[name].shape, concept=name)], background), rng)
+        Image.fromarray(toy.render(scene)).save(folder / f"{i:02d}.png")
+    return folder
+
+
 def lag(work, n, quick):
-    delta = train(work / "residual.safetensors", "residual", [A], *(["--steps", 20] if quick else []))
-    base, sd = load(), load()
-    load_delta(sd, delta)  # attached, not folded: LAG blends base and personalised proj_out per block
+    """Background preservation (against the base model from the same noise, the concept's token left out) with
+    and without LAG, for residuals trained on the shipped images (varied backgrounds) and on the concept shot on
+    one background (yellow), asked for on backgrounds other than its images'."""
+    steps = ["--steps", 20] if quick else []
+    sets = {"varied backgrounds": toy.CONCEPTS_DIR / A,
+            "one background (yellow)": one_background_folder(work / "yellow", A, "yellow")}
+    prompts = [f"{concept_prompt(A)} on a {colour} background" for colour in LAG_BACKGROUNDS[:3 if quick else None]]
+    base = load()  # the reference: the same x_T without the concept's token
+    references = [samples(base, prompt.replace(f"{toy.DEFAULT_TOKENS[A]} ", ""), n, seed=5) for prompt in prompts]
     results = {}
-    for colour in ("blue", "green", "white"):
-        prompt = f"{concept_prompt(A)} on a {colour} background"
-        reference = samples(base, prompt.replace(f"{toy.DEFAULT_TOKENS[A]} ", ""), n, seed=5)  # same x_T, no concept
-        results[colour] = {"plain": toy.background_preservation(samples(sd, prompt, n, seed=5), reference),
-                           "LAG": toy.background_preservation(samples(sd, prompt, n, seed=5, lag=True), reference)}
+    for label, folder in sets.items():
+        sd = load()
+        load_delta(sd, train(work / f"residual-{len(results)}.safetensors", "residual", [A], *steps,
+                             folders={A: folder}))  # attached, not folded: LAG blends base and personalised proj_out
+        results[label] = {}
+        for colour, prompt, reference in zip(LAG_BACKGROUNDS, prompts, references):
+            plain, guided = samples(sd, prompt, n, seed=5), samples(sd, prompt, n, seed=5, lag=True)
+            results[label][colour] = {"plain": toy.background_preservation(plain, reference),
+                                      "LAG": toy.background_preservation(guided, reference)}
     return results
 
 

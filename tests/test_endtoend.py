@@ -20,8 +20,10 @@ def test_every_experiment_runs_end_to_end_and_scores_fractions(tmp_path):
                                                        "class prompt: concept leaks"}
     assert "presence" not in results["personalize"]["base model"]  # the base model has no <new1> to ask for
     assert list(results["compose"]) == ["lagrangian merge", "add merge", "joint training"]
-    assert all(set(r) == {"plain", "LAG"} for r in results["lag"].values())
+    assert list(results["lag"]) == ["varied backgrounds", "one background (yellow)"]
+    assert all(list(r) == ["blue", "green", "white"] for r in results["lag"].values())
+    assert all(set(c) == {"plain", "LAG"} for r in results["lag"].values() for c in r.values())
     values = list(fractions(results))
-    assert len(values) == 2 + 5 * 3 + 3 * 3 + 3 * 2
+    assert len(values) == 2 + 5 * 3 + 3 * 3 + 2 * 3 * 2
     assert all(0.0 <= v <= 1.0 and not math.isnan(v) for v in values)
     assert (tmp_path / "e2e.json").is_file()
