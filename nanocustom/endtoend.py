@@ -147,9 +147,9 @@ def lag(work, n, quick):
                              folders={A: folder}))  # attached, not folded: LAG blends base and personalised proj_out
         results[label] = {}
         for colour, prompt, reference in zip(LAG_BACKGROUNDS, prompts, references):
-            plain, guided = samples(sd, prompt, n, seed=5), samples(sd, prompt, n, seed=5, lag=True)
+            plain, localized = samples(sd, prompt, n, seed=5), samples(sd, prompt, n, seed=5, lag=True)
             results[label][colour] = {"plain": toy.background_preservation(plain, reference),
-                                      "LAG": toy.background_preservation(guided, reference)}
+                                      "LAG": toy.background_preservation(localized, reference)}
     return results
 
 
