@@ -82,14 +82,14 @@ def check_args(args):
                               "pass --delta FILE")
 
 
-def apply_deltas(sd, paths, force, how="lagrangian", save_to=None, keep_unfolded=None, keep=None):
+def apply_deltas(sd, paths, force, how="lagrangian", save_to=None, keep_unfolded=(), keep=None):
     """Load the deltas (several: combined into one, nanocustom.merge.combine), optionally compress it (Kumari et al.
     App. B: W - W0 in low rank, `keep` of the sum of singular values) and save the result, and fold it into the
-    weights. keep_unfolded: the flags ("--lag", "--base-uncond", both) that need a residual delta kept unfolded."""
-    needs = "need" if " and " in (keep_unfolded or "") else "needs"
+    weights. keep_unfolded: the flags given ("--lag", "--base-uncond") that need a residual delta kept unfolded."""
+    flags = f"{' and '.join(keep_unfolded)} {'need' if len(keep_unfolded) > 1 else 'needs'}"  # "--lag needs"
     if not paths:
         if keep_unfolded:
-            raise NanocustomError(f"{keep_unfolded} {needs} a personalized-residuals delta: pass --delta FILE")
+            raise NanocustomError(f"{flags} a personalized-residuals delta: pass --delta FILE")
         return
     this = base_fingerprint(sd)
     for path in paths:  # as load_delta and combine check, with the flag's name in the way out
@@ -117,7 +117,7 @@ def apply_deltas(sd, paths, force, how="lagrangian", save_to=None, keep_unfolded
         save_delta(delta, save_to)
         print(f"wrote the combined delta to {save_to}")
     if keep_unfolded and delta.method != "residual":
-        raise NanocustomError(f"{keep_unfolded} {needs} a personalized-residuals delta, got {delta.method}: only "
+        raise NanocustomError(f"{flags} a personalized-residuals delta, got {delta.method}: only "
                               "residuals keep the base and personalised proj_out features apart, to blend them")
     if not keep_unfolded:
         delta.fold()
@@ -143,7 +143,7 @@ def main(argv=None):
     if args.ckpt is None:
         print(f"using the shapes model ({DEFAULT_CHECKPOINT.name}); pass --ckpt for Stable Diffusion v1")
     sd = load(args.ckpt, device=args.device, dtype=dtype)
-    unfolded = " and ".join(flag for flag, on in (("--lag", args.lag), ("--base-uncond", args.base_uncond)) if on)
+    unfolded = [flag for flag, on in (("--lag", args.lag), ("--base-uncond", args.base_uncond)) if on]
     apply_deltas(sd, args.delta, args.force, args.merge, args.save_delta, keep_unfolded=unfolded, keep=args.compress)
     check_tokens(sd, [args.prompt, args.negative_prompt])
     height, width = args.height or sd.resolution, args.width or sd.resolution
