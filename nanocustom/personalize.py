@@ -361,8 +361,8 @@ class SVDiff(Delta):
     def _svd(self, weights, name, cache_dir):
         """{key: (U, sigma, V^T)} in fp32 for each weight, reshaped to c_out x rest. §3.2: "the SVD is a one-time
         computation and can be cached": computed once per base model and subset, then read from disk."""
-        def decompose(W):
-            return tuple(torch.linalg.svd(W.detach().float().flatten(1), full_matrices=False))
+        def decompose(W):  # contiguous, as read back from the cache, so a first run computes as the later ones
+            return tuple(t.contiguous() for t in torch.linalg.svd(W.detach().float().flatten(1), full_matrices=False))
         if self.sd.device.type == "meta":  # shapes only, e.g. to count parameters at SD v1 size
             return {k: decompose(W) for k, W in weights.items()}
         path = Path(cache_dir or SVD_CACHE).expanduser() / f"{self.base_fingerprint}-{name}.safetensors"
@@ -375,7 +375,7 @@ class SVDiff(Delta):
                 return svd
         svd = {k: decompose(W) for k, W in weights.items()}
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_atomic({f"{k}.{name}": t.contiguous().cpu()
+        save_atomic({f"{k}.{name}": t.cpu()
                      for k, usv in svd.items() for name, t in zip(("U", "sigma", "Vh"), usv)}, path)
         return svd
 

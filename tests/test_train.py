@@ -52,8 +52,15 @@ def test_each_method_trains_and_writes_a_delta_the_sampler_loads(tiny, tmp_path,
     assert sd.tokenizer.added_tokens == ["<new1>"]
 
 
-def test_resume_after_an_interruption_gives_the_uninterrupted_result(tiny, tmp_path, monkeypatch):
-    train.main(args(tiny, tmp_path / "straight.safetensors"))
+def shapes_args(out, method, *extra):
+    """train.py on the shipped shapes model (no --ckpt), as a reader runs it, cut to 4 steps."""
+    return ["--method", method, "--concept", CONCEPT, "--prompt", "photo of a <new1> square", "--steps", "4",
+            "--batch-size", "2", "--save-every", "2", "--out", str(out), *extra]
+
+
+@pytest.mark.parametrize("method", ["custom", "svdiff", "residual"])
+def test_resume_after_an_interruption_gives_the_uninterrupted_result(tmp_path, monkeypatch, method):
+    train.main(shapes_args(tmp_path / "straight.safetensors", method))
     calls, masked_loss = [], nanocustom.training.masked_loss
 
     def interrupt_at_step_3(*a):
@@ -64,11 +71,11 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_result(tiny, tmp_p
 
     monkeypatch.setattr(nanocustom.training, "masked_loss", interrupt_at_step_3)
     with pytest.raises(SystemExit) as e:
-        train.main(args(tiny, tmp_path / "resumed.safetensors"))
+        train.main(shapes_args(tmp_path / "resumed.safetensors", method))
     assert e.value.code == 130
     interrupted = load_file(tmp_path / "resumed.safetensors")  # Ctrl-C kept the delta of step 2
     monkeypatch.setattr(nanocustom.training, "masked_loss", masked_loss)
-    train.main(args(tiny, tmp_path / "resumed.safetensors", "residual", "--resume"))
+    train.main(shapes_args(tmp_path / "resumed.safetensors", method, "--resume"))
     straight, resumed = load_file(tmp_path / "straight.safetensors"), load_file(tmp_path / "resumed.safetensors")
     assert straight.keys() == resumed.keys()
     for k in straight:
