@@ -1,6 +1,6 @@
 """Deltas in other tools' formats, checked against diffusers' own code: the CompVis <-> diffusers module names
 against convert_ldm_unet_checkpoint, Custom Diffusion files run through diffusers' CustomDiffusionAttnProcessor and
-its textual-inversion loader, the residual LoRA applied as diffusers configures it, and a folded checkpoint that
+its textual-inversion loader, files written by diffusers' save_attn_procs imported to diffusers' outputs, the residual LoRA applied as diffusers configures it, and a folded checkpoint that
 loads back and converts with diffusers' single-file functions.
 
 peft is not installed here, so pipeline.load_lora_weights cannot run (diffusers requires the peft backend for it).
@@ -13,6 +13,7 @@ import torch
 import transformers
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.loaders import TextualInversionLoaderMixin
+from diffusers.models.attention_processor import CustomDiffusionAttnProcessor
 from diffusers.utils.peft_utils import get_peft_kwargs
 from safetensors.torch import load_file, save_file
 
@@ -156,6 +157,54 @@ def test_custom_diffusion_export_then_import_gives_the_same_tensors(tmp_path, tr
                                                  [tmp_path / "t0.bin", tmp_path / "t1.bin"])
     got = imported.state_dict()
     assert all(torch.equal(v, got[k]) for k, v in delta.state_dict().items())
+
+
+def trained_by_diffusers(ref, train, seed=2):
+    """Processors set up as train_custom_diffusion.py sets them (attn2: CustomDiffusionAttnProcessor started from
+    the UNet's own to_k/to_v (and to_q/to_out with --freeze_model crossattn); attn1: one without weights), then
+    moved off their start as training would move them."""
+    g, state, procs = torch.Generator().manual_seed(seed), ref.state_dict(), {}
+    for name in ref.attn_processors:
+        layer = name.removesuffix(".processor")
+        if name.endswith("attn1.processor"):
+            procs[name] = CustomDiffusionAttnProcessor(train_kv=False, train_q_out=False)
+            continue
+        weights = {f"to_{x}_custom_diffusion.weight": state[f"{layer}.to_{x}.weight"] for x in "kv"}
+        if train == "attn2":
+            weights.update({"to_q_custom_diffusion.weight": state[f"{layer}.to_q.weight"],
+                            "to_out_custom_diffusion.0.weight": state[f"{layer}.to_out.0.weight"],
+                            "to_out_custom_diffusion.0.bias": state[f"{layer}.to_out.0.bias"]})
+        to_q = ref.get_submodule(layer).to_q
+        procs[name] = CustomDiffusionAttnProcessor(train_kv=True, train_q_out=train == "attn2",
+                                                   hidden_size=to_q.out_features,
+                                                   cross_attention_dim=ref.config.cross_attention_dim)
+        procs[name].load_state_dict({k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in weights.items()})
+    ref.set_attn_processor(procs)
+
+
+@pytest.mark.parametrize("train, safe", [("kv", True), ("kv", False), ("attn2", True)])
+def test_custom_diffusion_written_by_diffusers_imports_to_the_same_outputs(tmp_path, train, safe):
+    sd = tiny_model()
+    ref = diffusers_unet(to_original_layout(sd))
+    x, t, context = inputs()
+    base = outputs(sd, ref, x, t, context)[0]
+    trained_by_diffusers(ref, train)
+    ref.save_attn_procs(tmp_path, safe_serialization=safe)  # train_custom_diffusion.py's last step
+    weights = tmp_path / ("pytorch_custom_diffusion_weights." + ("safetensors" if safe else "bin"))
+    row = torch.randn(TINY["text_encoder"].hidden_size)
+    token_file = tmp_path / "<new1>.bin"  # save_new_embed: {token: row}, as safetensors under .bin or pickled
+    save_file({"<new1>": row}, token_file) if safe else torch.save({"<new1>": row}, token_file)
+
+    delta = import_diffusers_custom_diffusion(sd, weights, [token_file])
+    assert delta.tokens == ["<new1>"] and delta.options["train"] == train
+    ours, expected = outputs(sd, ref, x, t, context)
+    assert rel_err(expected, base) > 1e-2  # the trained processors change the output
+    assert rel_err(ours, expected) < TOL
+    assert torch.equal(delta.state_dict()["modifier_tokens"][0], row)
+    delta.fold()
+    token_id = sd.tokenizer.encode(["<new1>"])[0, 1]
+    assert torch.equal(sd.text_encoder.embeddings.token_embedding.weight[token_id], row)
+    assert rel_err(outputs(sd, ref, x, t, context)[0], expected) < TOL
 
 
 def test_custom_diffusion_import_refuses_other_files_and_leaves_the_model_free(tmp_path):
