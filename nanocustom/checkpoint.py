@@ -235,8 +235,8 @@ def atomic_write(path, write):
     umask = os.umask(0)
     os.umask(umask)
     try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; the result gets the usual permissions
         write(tmp)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private (and a writer may recreate it); not the result
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

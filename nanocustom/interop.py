@@ -6,11 +6,18 @@ single-file checkpoint.
     export_residual_lora(delta, "dog_lora.safetensors")  # Ham et al.'s Delta W = A B as lora_B @ lora_A, scale 1
     save_folded(sd, "dog.safetensors")                  # fold the attached delta, write an original-layout checkpoint
 
+or from the shell (--ckpt: the base model; default: the shapes model):
+
+    python -m nanocustom.interop from-diffusers out/ --out concept.safetensors    # then sample.py --delta
+    python -m nanocustom.interop to-diffusers concept.safetensors --out exported/  # Custom Diffusion, or residuals as a LoRA
+    python -m nanocustom.interop fold concept.safetensors --out full.safetensors   # any method
+
 diffusers names the UNet's modules by block (`down_blocks.0.attentions.1`), the CompVis checkpoint by position
 (`input_blocks.2.1`). The mapping is the block arithmetic of diffusers' `convert_ldm_unet_checkpoint`, computed
 below from `num_res_blocks`; tests/test_interop.py checks it against that function. Like the rest of the library,
 this file does not import diffusers: the files are plain safetensors with diffusers' key names.
 """
+import os
 from pathlib import Path
 
 import torch
@@ -215,3 +222,102 @@ def save_folded(sd, path, dtype=None):
     info = delta.metadata()
     delta.fold()
     checkpoint.save(sd, path, dtype=dtype, folded_delta=info)
+
+
+# -----------------------------------------------------------------------------
+# The command line: python -m nanocustom.interop from-diffusers | to-diffusers | fold
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name pipeline.load_lora_weights(folder) looks for
+
+
+def find_diffusers_files(source):
+    """The Custom Diffusion weights and the token files train_custom_diffusion.py left in a folder (or beside the
+    weights file given): pytorch_custom_diffusion_weights.{safetensors,bin} and one <token>.{safetensors,bin} each."""
+    source = Path(source)
+    if source.is_dir():
+        found = [source / CUSTOM_DIFFUSION_WEIGHTS, source / CUSTOM_DIFFUSION_WEIGHTS.replace(".safetensors", ".bin")]
+        weights = next((f for f in found if f.is_file()), None)
+        if weights is None:
+            raise NanocustomError(f"{source} holds no {CUSTOM_DIFFUSION_WEIGHTS} (or .bin); pass the output folder "
+                                  "of train_custom_diffusion.py, or the weights file itself")
+    elif source.is_file():
+        weights = source
+    else:
+        raise NanocustomError(f"{source} does not exist; pass the output folder of train_custom_diffusion.py")
+    tokens = sorted(f for f in weights.parent.iterdir()
+                    if f.stem.startswith("<") and f.stem.endswith(">") and f.suffix in (".safetensors", ".bin"))
+    return weights, tokens
+
+
+def check_out(out, is_dir=False):
+    out = Path(out)
+    parent = out if is_dir and out.is_dir() else out.parent
+    if not is_dir and out.suffix != ".safetensors":
+        raise NanocustomError(f"--out {out} must end in .safetensors")
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise NanocustomError(f"--out {out}: {parent} is not a writable directory; create it or choose another")
+    return out
+
+
+def main(argv=None):
+    import argparse
+    from nanocustom.checkpoint import load
+    from nanocustom.personalize import base_fingerprint, load_delta, save_delta
+    p = argparse.ArgumentParser(prog="python -m nanocustom.interop", description="Convert deltas to and from the "
+                                "formats other SD v1 tools read. --ckpt: the base model (default: the shapes model).")
+    commands = p.add_subparsers(dest="command", required=True)
+    c = commands.add_parser("from-diffusers", help="a Custom Diffusion concept trained with diffusers' "
+                            "train_custom_diffusion.py -> a nanocustom delta for sample.py --delta")
+    c.add_argument("source", help="its output folder, or the weights file (token files are read beside it)")
+    c = commands.add_parser("to-diffusers", help="a Custom Diffusion delta -> diffusers' Custom Diffusion files; "
+                            f"a residual delta -> a LoRA ({LORA_WEIGHTS}) for pipeline.load_lora_weights")
+    c.add_argument("delta")
+    c = commands.add_parser("fold", help="a delta folded into a full checkpoint in the original single-file layout")
+    c.add_argument("delta")
+    c.add_argument("--fp16", action="store_true", help="store the weights in fp16 (half the size)")
+    outs = {"from-diffusers": "the delta, FILE.safetensors", "to-diffusers": "a folder (created if its parent "
+            "exists)", "fold": "the checkpoint, FILE.safetensors"}
+    for name, c in commands.choices.items():
+        c.add_argument("--ckpt", default=None, help="the base model the delta belongs to (default: the shapes model)")
+        c.add_argument("--out", required=True, help=outs[name])
+        if name != "from-diffusers":
+            c.add_argument("--force", action="store_true", help="use a delta made for another base model anyway")
+    args = p.parse_args(argv)
+    out = check_out(args.out, is_dir=args.command == "to-diffusers")
+    sd = load(args.ckpt)
+
+    if args.command == "from-diffusers":
+        weights, token_files = find_diffusers_files(args.source)
+        delta = import_diffusers_custom_diffusion(sd, weights, token_files)
+        save_delta(delta, out, extra_metadata={"imported_from": str(weights)})
+        print(f"wrote {out}: Custom Diffusion ({delta.options['train']}), tokens {', '.join(delta.tokens) or 'none'}, "
+              f"for base model {base_fingerprint(sd)} ({sd.name})")
+        return
+    info = read_delta_metadata(args.delta)
+    if info.get("base_fingerprint") != base_fingerprint(sd) and not args.force:
+        raise NanocustomError(f"{Path(args.delta).name} was made for base model {info.get('base_fingerprint')}, not "
+                              f"this one ({base_fingerprint(sd)}); pass the --ckpt it was trained on, or --force")
+    if args.command == "fold":
+        load_delta(sd, args.delta, force=True)
+        save_folded(sd, out, dtype=torch.float16 if args.fp16 else None)
+        print(f"wrote {out}: {sd.name} with {Path(args.delta).name} folded in")
+        return
+    if info["method"] == "svdiff":
+        raise NanocustomError("diffusers has no format for SVDiff's spectral shifts; write a full checkpoint with "
+                              "`python -m nanocustom.interop fold` instead")
+    out.mkdir(exist_ok=True)
+    num_res_blocks = sd.unet.config.num_res_blocks
+    if info["method"] == "custom":
+        paths = export_diffusers_custom_diffusion(args.delta, out, num_res_blocks=num_res_blocks, sd=sd)
+    else:
+        paths = export_residual_lora(args.delta, out / LORA_WEIGHTS, num_res_blocks=num_res_blocks)
+    print(f"wrote {', '.join(f.name for f in paths)} to {out}/")
+
+
+if __name__ == "__main__":
+    import sys
+    try:
+        main()
+    except NanocustomError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

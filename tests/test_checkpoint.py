@@ -1,5 +1,6 @@
 """Loading original-layout checkpoints: round trips, the named ignore list, and one-line refusals."""
 import argparse
+import os
 import pickle
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from nanocustom.checkpoint import (PREFIXES, CheckpointError, fingerprint, load, new_model, read_state_dict, save,
-                                   to_original_layout)
+                                   save_atomic, to_original_layout)
 from nanocustom.clip import CLIPTextConfig
 from nanocustom.pretrain import ZERO_SNR
 from nanocustom.unet import UNetConfig
@@ -147,3 +148,13 @@ def test_save_refuses_a_missing_directory_and_leaves_no_partial_file(tiny, tmp_p
     with pytest.raises(CheckpointError, match="does not exist"):
         save(tiny[0], tmp_path / "missing" / "x.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_atomic_write_gets_the_usual_permissions_not_the_temporary_files(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        save_atomic({"x": torch.zeros(2)}, tmp_path / "x.safetensors")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "x.safetensors").stat().st_mode & 0o777 == 0o644
+    assert [f.name for f in tmp_path.iterdir()] == ["x.safetensors"]

@@ -1,20 +1,15 @@
 """Deltas in other tools' formats, checked against diffusers' own code: the CompVis <-> diffusers module names
 against convert_ldm_unet_checkpoint, Custom Diffusion files run through diffusers' CustomDiffusionAttnProcessor and
-its textual-inversion loader, files written by diffusers' save_attn_procs imported to diffusers' outputs, the residual LoRA applied as diffusers configures it, and a folded checkpoint that
-loads back and converts with diffusers' single-file functions.
-
-peft is not installed here, so pipeline.load_lora_weights cannot run (diffusers requires the peft backend for it).
-The LoRA test goes through every diffusers step up to peft instead: lora_state_dict reads the file, the "unet."
-prefix is split off as load_lora_adapter does, get_peft_kwargs gives the rank and alpha of each module, and the
-update W + (alpha / r) lora_B @ lora_A, peft's for a Conv2d LoRA, is applied to diffusers' UNet by hand.
-"""
+its textual-inversion loader, files written by diffusers' save_attn_procs imported to diffusers' outputs, the
+residual LoRA loaded by diffusers (lora_state_dict, then load_lora_into_unet, which hands it to peft: the two
+steps of pipeline.load_lora_weights), and a folded checkpoint that loads back and converts with diffusers'
+single-file functions."""
 import pytest
 import torch
 import transformers
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.loaders import TextualInversionLoaderMixin
 from diffusers.models.attention_processor import CustomDiffusionAttnProcessor
-from diffusers.utils.peft_utils import get_peft_kwargs
 from safetensors.torch import load_file, save_file
 
 from helpers import write_clip_tokenizer_files
@@ -223,7 +218,7 @@ def test_custom_diffusion_import_refuses_other_files_and_leaves_the_model_free(t
         export_diffusers_custom_diffusion(attach(sd, "residual"), tmp_path)
 
 
-def test_residual_lora_as_diffusers_configures_it_matches_our_residual_delta(tmp_path):
+def test_residual_lora_loaded_by_diffusers_gives_our_outputs(tmp_path):
     sd = tiny_model()
     base = to_original_layout(sd)
     delta = attach(sd, "residual", tokens=["<new1>"])
@@ -231,23 +226,14 @@ def test_residual_lora_as_diffusers_configures_it_matches_our_residual_delta(tmp
     lora_path, token_file = export_residual_lora(delta, tmp_path / "lora.safetensors")
     assert token_file.name == "<new1>.safetensors"
 
+    # pipeline.load_lora_weights(path) without a pipeline: its two steps, diffusers' parser, then peft
     state_dict, network_alphas = StableDiffusionPipeline.lora_state_dict(str(lora_path))
     assert network_alphas is None and all(k.startswith("unet.") and "lora" in k for k in state_dict)
-    unet_lora = {k.removeprefix("unet."): v for k, v in state_dict.items()}  # load_lora_adapter(prefix="unet")
-    rank = {f"^{k}": v.shape[1] for k, v in unet_lora.items() if "lora_B" in k}  # as load_lora_adapter counts it
-    config = get_peft_kwargs(rank, network_alphas, unet_lora)
-    assert sorted(config["target_modules"]) == sorted(
-        diffusers_module_name(k.removeprefix("unet."), 1) for k in delta.layers)
     ref = diffusers_unet(base)
-    with torch.no_grad():
-        for module in config["target_modules"]:
-            r = config["rank_pattern"].get(f"^{module}", config["r"])
-            alpha = config["alpha_pattern"].get(f"^{module}", config["lora_alpha"])
-            assert alpha == r  # scale 1: W' = W + A B, as in Ham et al.
-            down, up = unet_lora[f"{module}.lora_A.weight"], unet_lora[f"{module}.lora_B.weight"]
-            conv = ref.get_submodule(module)
-            assert isinstance(conv, torch.nn.Conv2d) and conv.kernel_size == (1, 1)
-            conv.weight += alpha / r * (up.flatten(1) @ down.flatten(1))[:, :, None, None]
+    StableDiffusionPipeline.load_lora_into_unet(state_dict, network_alphas, unet=ref, adapter_name="concept")
+    lora_layers = {name for name, m in ref.named_modules() if hasattr(m, "lora_A")}
+    assert lora_layers == {diffusers_module_name(k.removeprefix("unet."), 1) for k in delta.layers}
+    assert all(ref.get_submodule(name).scaling["concept"] == 1.0 for name in lora_layers)  # W' = W + A B
 
     x, t, context = inputs()
     ours, expected = outputs(sd, ref, x, t, context)
