@@ -17,16 +17,19 @@ diffusers names the UNet's modules by block (`down_blocks.0.attentions.1`), the 
 below from `num_res_blocks`; tests/test_interop.py checks it against that function. Like the rest of the library,
 this file does not import diffusers: the files are plain safetensors with diffusers' key names.
 """
+import argparse
 import os
+import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from nanocustom import checkpoint
-from nanocustom.checkpoint import save_atomic
+from nanocustom.checkpoint import load, save_atomic
 from nanocustom.errors import NanocustomError
-from nanocustom.personalize import RARE_TOKENS, Delta, attach, read_delta_metadata, read_delta_tensors
+from nanocustom.personalize import (RARE_TOKENS, Delta, attach, base_fingerprint, load_delta, read_delta_metadata,
+                                    read_delta_tensors, save_delta)
 
 CUSTOM_DIFFUSION_WEIGHTS = "pytorch_custom_diffusion_weights.safetensors"  # the name unet.save_attn_procs gives
 SD_V1_NUM_RES_BLOCKS = 2
@@ -251,6 +254,8 @@ def find_diffusers_files(source):
 
 def check_out(out, is_dir=False):
     out = Path(out)
+    if is_dir and out.exists() and not out.is_dir():
+        raise NanocustomError(f"--out {out} is a file, not a directory; choose a directory")
     parent = out if is_dir and out.is_dir() else out.parent
     if not is_dir and out.suffix != ".safetensors":
         raise NanocustomError(f"--out {out} must end in .safetensors")
@@ -260,9 +265,6 @@ def check_out(out, is_dir=False):
 
 
 def main(argv=None):
-    import argparse
-    from nanocustom.checkpoint import load
-    from nanocustom.personalize import base_fingerprint, load_delta, save_delta
     p = argparse.ArgumentParser(prog="python -m nanocustom.interop", description="Convert deltas to and from the "
                                 "formats other SD v1 tools read. --ckpt: the base model (default: the shapes model).")
     commands = p.add_subparsers(dest="command", required=True)
@@ -315,9 +317,10 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import sys
     try:
         main()
     except NanocustomError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -91,11 +91,12 @@ def test_fp16_fold_halves_the_file(deltas, tmp_path):
     (["from-diffusers", "{d}/residual.safetensors", "--out", "{o}/d.safetensors"], "not a Custom Diffusion"),
     (["fold", "{d}/custom.safetensors", "--out", "{o}/missing/f.safetensors"], "is not a writable directory"),
     (["fold", "{d}/custom.safetensors", "--out", "{o}/f.ckpt"], "must end in .safetensors"),
+    (["to-diffusers", "{d}/custom.safetensors", "--out", "{d}/custom.safetensors"], "is a file, not a directory"),
     (["fold", "{o}/missing.safetensors", "--out", "{o}/f.safetensors"], "delta not found"),
     (["to-diffusers", "{d}/custom.safetensors", "--ckpt", "{o}/base.safetensors", "--out", "{o}/x"],
      "was made for base model"),
 ], ids=["svdiff_to_diffusers", "source_missing", "folder_without_weights", "not_custom_diffusion_weights",
-        "out_dir_missing", "out_not_safetensors", "delta_missing", "delta_for_another_base"])
+        "out_dir_missing", "out_not_safetensors", "out_is_a_file", "delta_missing", "delta_for_another_base"])
 def test_bad_input_is_one_error_and_writes_nothing(deltas, tmp_path, argv, message):
     if "{o}/base.safetensors" in argv:
         sd = load()
