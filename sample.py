@@ -8,7 +8,6 @@ Writes one PNG per sample and a grid PNG to --out.
 import argparse
 import os
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ from PIL import Image
 
 from nanocustom.attention import AttentionMaps, heatmap_strip
 from nanocustom.checkpoint import DEFAULT_CHECKPOINT, atomic_write, load
-from nanocustom.errors import NanocustomError
+from nanocustom.errors import NanocustomError, run_script
 from nanocustom.merge import combine, compress_custom_delta, decompress_custom_tensors
 from nanocustom.personalize import base_fingerprint, load_delta, read_delta_metadata, save_delta
 from nanocustom.pipeline import generate, image_grid
@@ -164,10 +163,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except NanocustomError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_script(main)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from nanocustom.checkpoint import atomic_write, load
 from nanocustom.data import CUTMIX_PROB, Concept, ConceptBatches, generate_regularization
-from nanocustom.errors import NanocustomError
+from nanocustom.errors import NanocustomError, run_script
 from nanocustom.personalize import attach, save_delta
 from nanocustom.pipeline import generate, image_grid
 from nanocustom.training import FeatureCache, Unmix, training_step
@@ -218,8 +218,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except NanocustomError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main)

@@ -19,7 +19,6 @@ this file does not import diffusers: the files are plain safetensors with diffus
 """
 import argparse
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -27,7 +26,7 @@ from safetensors.torch import load_file
 
 from nanocustom import checkpoint
 from nanocustom.checkpoint import load, save_atomic
-from nanocustom.errors import NanocustomError
+from nanocustom.errors import NanocustomError, run_script
 from nanocustom.personalize import (RARE_TOKENS, Delta, attach, base_fingerprint, load_delta, read_delta_metadata,
                                     read_delta_tensors, save_delta)
 
@@ -317,10 +316,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except NanocustomError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_script(main)
