@@ -18,7 +18,7 @@ from nanocustom.attention import AttentionMaps, heatmap_strip
 from nanocustom.checkpoint import DEFAULT_CHECKPOINT, atomic_write, load
 from nanocustom.errors import NanocustomError, run_script
 from nanocustom.merge import combine, compress_custom_delta, decompress_custom_tensors
-from nanocustom.personalize import base_fingerprint, load_delta, read_delta_metadata, save_delta
+from nanocustom.personalize import check_made_for, load_delta, read_delta_metadata, save_delta
 from nanocustom.pipeline import generate, image_grid
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -90,12 +90,9 @@ def apply_deltas(sd, paths, force, how="lagrangian", save_to=None, keep_unfolded
         if keep_unfolded:
             raise NanocustomError(f"{flags} a personalized-residuals delta: pass --delta FILE")
         return
-    this = base_fingerprint(sd)
-    for path in paths:  # as load_delta and combine check, with the flag's name in the way out
-        made_for = read_delta_metadata(path).get("base_fingerprint")
-        if made_for != this and not force:
-            raise NanocustomError(f"{Path(path).name} was made for base model {made_for}, not this one ({this}); "
-                                  "pass the --ckpt it was trained on, or --force to apply it anyway")
+    for path in paths:  # as load_delta and combine check, with the flags in the way out
+        check_made_for(sd, path, read_delta_metadata(path), force, "pass the --ckpt it was trained on, or --force to "
+                       "apply it anyway")
     delta = combine(sd, paths, how, force=force) if len(paths) > 1 else load_delta(sd, paths[0], force=force)
     combined = f" ({how} merge)" if len(paths) > 1 and delta.method == "custom" else ""
     print(f"applied {', '.join(Path(p).name for p in paths)}{combined}")

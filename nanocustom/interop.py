@@ -27,8 +27,8 @@ from safetensors.torch import load_file
 from nanocustom import checkpoint
 from nanocustom.checkpoint import load, save_atomic
 from nanocustom.errors import NanocustomError, run_script
-from nanocustom.personalize import (RARE_TOKENS, Delta, attach, base_fingerprint, load_delta, read_delta_metadata,
-                                    read_delta_tensors, save_delta)
+from nanocustom.personalize import (RARE_TOKENS, Delta, attach, base_fingerprint, check_made_for, load_delta,
+                                    read_delta_metadata, read_delta_tensors, save_delta)
 
 CUSTOM_DIFFUSION_WEIGHTS = "pytorch_custom_diffusion_weights.safetensors"  # the name unet.save_attn_procs gives
 SD_V1_NUM_RES_BLOCKS = 2
@@ -295,9 +295,7 @@ def main(argv=None):
               f"for base model {base_fingerprint(sd)} ({sd.name})")
         return
     info = read_delta_metadata(args.delta)
-    if info.get("base_fingerprint") != base_fingerprint(sd) and not args.force:
-        raise NanocustomError(f"{Path(args.delta).name} was made for base model {info.get('base_fingerprint')}, not "
-                              f"this one ({base_fingerprint(sd)}); pass the --ckpt it was trained on, or --force")
+    check_made_for(sd, args.delta, info, args.force, "pass the --ckpt it was trained on, or --force")
     if args.command == "fold":
         load_delta(sd, args.delta, force=True)
         save_folded(sd, out, dtype=torch.float16 if args.fp16 else None)

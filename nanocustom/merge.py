@@ -361,17 +361,14 @@ def combine(sd, paths, how="lagrangian", scales=None, force=False, reg_captions=
     svdiff:   the spectral shifts add (Han et al. Eq. 4), times `scales` if given (Eq. 5, App. E.3);
     residual: sum_k s_k A_k B_k, the residuals of the concepts together (Ham et al. §3.2).
     The modifier tokens of every delta are kept, with their rows."""
-    from nanocustom.personalize import attach, base_fingerprint, read_delta_metadata, read_delta_tensors, residual_sum
+    from nanocustom.personalize import attach, check_made_for, read_delta_metadata, read_delta_tensors, residual_sum
     infos = [read_delta_metadata(p) for p in paths]
     methods = sorted({info["method"] for info in infos})
     if len(methods) != 1:
         raise NanocustomError(f"cannot combine deltas of different methods ({', '.join(methods)}); "
                               "combine one method at a time")
-    this = base_fingerprint(sd)
     for path, info in zip(paths, infos):
-        if info.get("base_fingerprint") != this and not force:
-            raise NanocustomError(f"{Path(path).name} was made for base model {info.get('base_fingerprint')}, not this "
-                                  f"one ({this}); load the base it was trained on, or pass force=True")
+        check_made_for(sd, path, info, force, "load the base it was trained on, or pass force=True")
     tensors = [read_delta_tensors(sd, p, info, device="cpu") for p, info in zip(paths, infos)]  # low rank: W0 + U S V^T
     method = methods[0]
     if method == "custom":

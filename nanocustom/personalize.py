@@ -634,15 +634,20 @@ def read_delta_tensors(sd, path, info=None, device=None):
     return decompress_custom_tensors(tensors, W0s)
 
 
+def check_made_for(sd, path, info, force, way_out="load the base it was trained on, or pass force=True to apply it "
+                   "anyway"):
+    """A delta is refused on base weights other than those it was trained on, unless forced."""
+    made_for, this = info.get("base_fingerprint"), base_fingerprint(sd)
+    if made_for != this and not force:
+        raise NanocustomError(f"{Path(path).name} was made for base model {made_for}, not this one ({this}); {way_out}")
+
+
 def load_delta(sd, path, force=False, **options):
     """Attach the delta saved at path to sd. Refuses one made for other base weights unless force=True.
     options (e.g. cache_dir) are passed to attach, over the saved ones."""
     info = read_delta_metadata(path)
     check_free(sd)
-    made_for, this = info.get("base_fingerprint"), base_fingerprint(sd)
-    if made_for != this and not force:
-        raise NanocustomError(f"{Path(path).name} was made for base model {made_for}, not this one ({this}); "
-                              "load the base it was trained on, or pass force=True to apply it anyway")
+    check_made_for(sd, path, info, force)
     tensors = read_delta_tensors(sd, path, info)  # before attach: a compressed file needs the base weights W0
     delta = attach(sd, info["method"], tokens=info.get("tokens", []), **{**info.get("options", {}), **options})
     delta.load_state_dict(tensors)
