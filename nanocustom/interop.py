@@ -285,25 +285,27 @@ def main(argv=None):
             c.add_argument("--force", action="store_true", help="use a delta made for another base model anyway")
     args = p.parse_args(argv)
     out = check_out(args.out, is_dir=args.command == "to-diffusers")
+    if args.command == "from-diffusers":  # the input checked before the model is loaded
+        weights, token_files = find_diffusers_files(args.source)
+    else:
+        info = read_delta_metadata(args.delta)
+        if args.command == "to-diffusers" and info["method"] == "svdiff":
+            raise NanocustomError("diffusers has no format for SVDiff's spectral shifts; write a full checkpoint "
+                                  "with `python -m nanocustom.interop fold` instead")
     sd = load(args.ckpt)
 
     if args.command == "from-diffusers":
-        weights, token_files = find_diffusers_files(args.source)
         delta = import_diffusers_custom_diffusion(sd, weights, token_files)
         save_delta(delta, out, extra_metadata={"imported_from": str(weights)})
         print(f"wrote {out}: Custom Diffusion ({delta.options['train']}), tokens {', '.join(delta.tokens) or 'none'}, "
               f"for base model {base_fingerprint(sd)} ({sd.name})")
         return
-    info = read_delta_metadata(args.delta)
     check_made_for(sd, args.delta, info, args.force, "pass the --ckpt it was trained on, or --force")
     if args.command == "fold":
         load_delta(sd, args.delta, force=True)
         save_folded(sd, out, dtype=torch.float16 if args.fp16 else None)
         print(f"wrote {out}: {sd.name} with {Path(args.delta).name} folded in")
         return
-    if info["method"] == "svdiff":
-        raise NanocustomError("diffusers has no format for SVDiff's spectral shifts; write a full checkpoint with "
-                              "`python -m nanocustom.interop fold` instead")
     out.mkdir(exist_ok=True)
     num_res_blocks = sd.unet.config.num_res_blocks
     if info["method"] == "custom":
