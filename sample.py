@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from nanocustom.attention import AttentionMaps, heatmap_strip
+from nanocustom.attention import AttentionMaps, concept_positions, heatmap_strip
 from nanocustom.checkpoint import DEFAULT_CHECKPOINT, atomic_write, load
 from nanocustom.errors import NanocustomError, run_script
 from nanocustom.merge import combine, compress_custom_delta, decompress_custom_tensors
@@ -142,6 +142,9 @@ def main(argv=None):
     unfolded = [flag for flag, on in (("--lag", args.lag), ("--base-uncond", args.base_uncond)) if on]
     apply_deltas(sd, args.delta, args.force, args.merge, args.save_delta, keep_unfolded=unfolded, keep=args.compress)
     check_tokens(sd, [args.prompt, args.negative_prompt])
+    if args.lag and not concept_positions(sd.tokenizer, args.prompt):
+        raise NanocustomError(f"--lag: {args.prompt!r} names no modifier token, so LAG would leave it all to the base "
+                              "model; name the concept, e.g. 'photo of a <new1> dog'")
     height, width = args.height or sd.resolution, args.width or sd.resolution
     f = sd.vae.downsampling_factor
     maps = AttentionMaps(args.n, (height // f, width // f)) if args.attn_maps else None

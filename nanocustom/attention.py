@@ -11,7 +11,10 @@ one of these is active:
                   personalised one, in the same UNet pass: no extra evaluation.
 
 With classifier-free guidance the UNet sees [unconditional, conditional] halves; both read the maps of the
-conditional half, the only one whose prompt names the concept.
+conditional half, the only one whose prompt names the concept, so that guidance's eps_c - eps_u compares like
+with like. A prompt that names no modifier token has C empty and M = 0 in both halves: the base model. (Giving
+the unconditional half M = 0 too, pipeline.generate's base_unconditional, lets guidance amplify the residuals w
+times: more of the concept, less of the background kept; README, "The papers' claims, end to end".)
 
 LAG needs a personalised *residual* (the paper's case): the base and personalised outputs of proj_out exist side
 by side only there. Custom Diffusion changes K/V inside attn2 itself, and SVDiff every weight of the UNet, so a
@@ -28,7 +31,7 @@ from nanocustom.errors import NanocustomError
 
 def concept_positions(tokenizer, prompt):
     """Positions in the encoded prompt of each modifier token and of the word after it (its class word), e.g.
-    "photo of a <new1> square" -> [4, 5]."""
+    "photo of a <new1> square" -> [4, 5]; [] for a prompt that names no modifier token."""
     ids = tokenizer.encode([prompt])[0].tolist()
     added = {tokenizer.token_id(t) for t in tokenizer.added_tokens}
     positions = []
@@ -41,8 +44,6 @@ def concept_positions(tokenizer, prompt):
                 if tokenizer.backend.id_to_token(ids[j]).endswith("</w>"):
                     break
                 j += 1
-    if not positions:
-        raise NanocustomError(f"{prompt!r} names no modifier token; LAG needs one, e.g. 'photo of a <new1> dog'")
     return positions
 
 
@@ -118,14 +119,14 @@ class LAG:
     def observe(self, path, probs):
         block = path.split(".transformer_blocks.")[0]
         probs = conditional(probs, self.n).mean(1)  # [n, H*W, 77], averaged over heads
-        score = torch.stack([probs[i, :, pos].sum(-1) for i, pos in enumerate(self.positions)])  # A_{i,C}
+        score = torch.stack([probs[i, :, pos].sum(-1) for i, pos in enumerate(self.positions)])  # A_{i,C}; 0 if C empty
         self.scores[block] = self.scores.get(block, 0) + score
 
     def mask(self, layer):
         """M_i for this block's proj_out, from the scores its attn2 just recorded; [B, 1, H, W] of 0/1."""
         block = layer.name.removesuffix(".proj_out")
         score = self.scores.pop(block)
-        M = (score > score.median(dim=1, keepdim=True).values).float()  # binarize at the median
+        M = (score > score.median(dim=1, keepdim=True).values).float()  # binarize at the median; C empty: M = 0
         M = spatial(M[:, None], self.aspect)
         self.masks.setdefault(block, []).append(M)
         return M.repeat(2, 1, 1, 1) if self.guided else M

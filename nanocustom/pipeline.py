@@ -62,7 +62,8 @@ def generate(sd, prompts, negative_prompt="", steps=50, sampler="ddim", eta=0.0,
     `base_unconditional`: with an unfolded personalized-residuals delta, the unconditional prediction of guidance
     comes from the base model and the residuals act on the conditional one only. Not the papers' sampler (they
     apply the residuals to both): a residual on every proj_out moves eps_uncond too, and guidance then amplifies
-    the base model's pull to the class rather than the residual (README, "The papers' claims, end to end")."""
+    the base model's pull to the class rather than the residual (README, "The papers' claims, end to end"). With
+    `lag`, the unconditional half is the base model's and the conditional half blends by LAG's mask."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     height, width = height or sd.resolution, width or sd.resolution
     check_size(sd, height, width)

@@ -40,8 +40,7 @@ def test_concept_positions_are_the_modifier_token_and_its_class_word():
     sd.tokenizer.add_tokens(["<new1>"])
     assert concept_positions(sd.tokenizer, PROMPT) == [4, 5]  # BOS photo of a <new1> square
     assert concept_positions(sd.tokenizer, "a <new1> teddybear on a table") == [2, 3, 4]  # "teddy", "bear</w>"
-    with pytest.raises(NanocustomError, match="names no modifier token"):
-        concept_positions(sd.tokenizer, "photo of a square")
+    assert concept_positions(sd.tokenizer, "photo of a square") == []  # C empty: LAG leaves it to the base model
 
 
 def test_observing_sees_softmax_attention_and_leaves_outputs_unchanged():
@@ -103,6 +102,32 @@ def test_lag_blends_base_and_personalised_features_per_eq3():
     for layer in delta.layers.values():
         layer.mask = torch.zeros(1)
     assert (generate(sd, prompts, steps=3, progress=False, seed=1) == base).all()  # M = 0: f
+
+
+def test_lag_leaves_a_prompt_without_the_token_to_the_base_model():
+    """C empty: M = 0, so that prompt's rows of a guided batch [uncond, cond] are the base model's, exactly; the
+    concept's prompt blends both its halves by its own (conditional) mask."""
+    from nanocustom.pipeline import encode_prompts
+    sd = tiny()
+    delta = residual(sd)
+    prompts = [PROMPT, "photo of a square"]
+    x, t = torch.randn(4, 4, 8, 8), torch.full((4,), 500)
+    context = torch.cat([encode_prompts(sd, [""] * 2), encode_prompts(sd, prompts)])
+    with torch.no_grad():
+        personalised = sd.unet(x, t, context)
+        for layer in delta.layers.values():
+            layer.mask = torch.zeros(1)
+        base = sd.unet(x, t, context)
+        for layer in delta.layers.values():
+            layer.mask = None
+        lag = LAG(sd, prompts)
+        with observing(sd.unet, lag.observe), lag.applied(1.0, guided=True):
+            blended = sd.unet(x, t, context)
+    assert not torch.allclose(personalised[[1, 3]], base[[1, 3]])  # the residuals would move those rows
+    torch.testing.assert_close(blended[[1, 3]], base[[1, 3]], rtol=0, atol=0)
+    for row in (0, 2):  # the concept's prompt, unconditional and conditional halves
+        assert not torch.allclose(blended[row], base[row]) and not torch.allclose(blended[row], personalised[row])
+    assert all((masks[0][1] == 0).all() and masks[0][0].any() for masks in lag.masks.values())
 
 
 @pytest.mark.parametrize("method", ["custom", "svdiff"])

@@ -127,6 +127,8 @@ BAD_INPUTS = {
                            "--base-uncond needs a personalized-residuals delta, got custom"),
     "lag_and_base_uncond_custom": (["--delta", "{tmp}/custom.safetensors", "--lag", "--base-uncond"],
                                    "--lag and --base-uncond need a personalized-residuals delta, got custom"),
+    "lag_prompt_without_its_token": (["--delta", "{tmp}/residual.safetensors", "--lag", "--prompt",
+                                      "photo of a square"], "--lag: 'photo of a square' names no modifier token"),
     "save_delta_in_a_missing_directory": (["--delta", "{tmp}/custom.safetensors", "--save-delta",
                                            "{tmp}/missing/d.safetensors"], "writable, existing directory"),
     "out_parent_missing": (["--out", "{tmp}/missing/out"], "is not an existing directory"),
@@ -145,6 +147,7 @@ GOOD_INPUTS = {
                               "{tmp}/low.safetensors"],
     "custom_from_the_compressed_file": ["--delta", "{tmp}/low.safetensors"],
     "residual_base_uncond": ["--delta", "{tmp}/residual.safetensors", "--base-uncond"],
+    "residual_lag": ["--delta", "{tmp}/residual.safetensors", "--lag", "--prompt", "photo of a <new1> square"],
 }
 
 
