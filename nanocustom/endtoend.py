@@ -87,8 +87,11 @@ def personalize(work, n, quick):
         sd = load()
         load_delta(sd, train(work / f"{method}.safetensors", method, [A], *steps))
         results[method] = concept_scores(sd, A, n)
-    # the same residuals, guidance's unconditional prediction from the base model (not the papers' sampler)
+    # the same residuals with LAG (Ham et al. §3.3; "a square", naming no token, is then the base model's), and
+    # with guidance's unconditional prediction from the base model (ours, not the papers'), alone and with LAG
+    results["residual, LAG"] = concept_scores(sd, A, n, lag=True)
     results["residual, base unconditional"] = concept_scores(sd, A, n, base_unconditional=True)
+    results["residual, LAG + base unconditional"] = concept_scores(sd, A, n, lag=True, base_unconditional=True)
     sd = load()
     reg = reg_folder(work / "reg", toy.CONCEPTS[A].shape, 8 if quick else 64)
     load_delta(sd, train(work / "custom-reg.safetensors", "custom", [A], "--reg-dir", reg, *steps))

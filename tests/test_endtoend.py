@@ -13,7 +13,8 @@ def fractions(tree):
 
 def test_every_experiment_runs_end_to_end_and_scores_fractions(tmp_path):
     results = endtoend.main(["all", "--quick", "--json", str(tmp_path / "e2e.json")])
-    runs = ["custom", "svdiff", "residual", "residual, base unconditional", "custom + regularisation images"]
+    runs = ["custom", "svdiff", "residual", "residual, LAG", "residual, base unconditional",
+            "residual, LAG + base unconditional", "custom + regularisation images"]
     assert list(results["personalize"]) == ["base model", *runs]
     for method in runs:
         assert set(results["personalize"][method]) == {"presence", "class prompt: plain member",
@@ -24,6 +25,6 @@ def test_every_experiment_runs_end_to_end_and_scores_fractions(tmp_path):
     assert all(list(r) == ["blue", "green", "white"] for r in results["lag"].values())
     assert all(set(c) == {"plain", "LAG"} for r in results["lag"].values() for c in r.values())
     values = list(fractions(results))
-    assert len(values) == 2 + 5 * 3 + 3 * 3 + 2 * 3 * 2
+    assert len(values) == 2 + 7 * 3 + 3 * 3 + 2 * 3 * 2
     assert all(0.0 <= v <= 1.0 and not math.isnan(v) for v in values)
     assert (tmp_path / "e2e.json").is_file()
