@@ -9,8 +9,9 @@
                                                 #   for the concept's images and for it shot on one background
     python -m nanocustom.endtoend all --quick   # fewer steps and images: the CI version
 
-Training runs `train.py` as a user would (a subprocess, its defaults unless said here); sampling is 25 DDIM steps
-at guidance 6 from fixed seeds. Results are printed and written as JSON (--json).
+Training runs `train.py` as a user would (a subprocess, its defaults unless said here, training seed 0 unless
+--train-seed); sampling is 25 DDIM steps (--steps; Ham et al. §4.1 evaluate with 50) at guidance 6 (both papers'
+scale) from fixed seeds. Results are printed and written as JSON (--json), with the protocol that made them.
 """
 import argparse
 import json
@@ -24,7 +25,7 @@ import torch
 from PIL import Image
 
 from nanocustom import toy
-from nanocustom.checkpoint import REPO_ROOT, load
+from nanocustom.checkpoint import REPO_ROOT, atomic_write, load
 from nanocustom.merge import combine
 from nanocustom.personalize import load_delta
 from nanocustom.pipeline import generate
@@ -34,10 +35,11 @@ A, B = "striped_square", "split_circle"  # the two concepts of the composition e
 LAG_BACKGROUNDS = ("blue", "green", "white", "gray", "purple", "orange")  # not yellow, the one-background set's
 
 
-def train(out, method, concepts, *flags, folders=None):
-    """python train.py --method METHOD --concept DIR --prompt "photo of a <newK> class" ... --out OUT; each
-    concept's DIR is its shipped folder unless `folders` names another."""
-    argv = [sys.executable, str(REPO_ROOT / "train.py"), "--method", method, "--out", str(out), *map(str, flags)]
+def train(out, method, concepts, *flags, folders=None, seed=0):
+    """python train.py --method METHOD --concept DIR --prompt "photo of a <newK> class" ... --seed SEED --out OUT;
+    each concept's DIR is its shipped folder unless `folders` names another."""
+    argv = [sys.executable, str(REPO_ROOT / "train.py"), "--method", method, "--out", str(out), "--seed", str(seed),
+            *map(str, flags)]
     for name in concepts:
         folder = (folders or {}).get(name, toy.CONCEPTS_DIR / name)
         argv += ["--concept", str(folder), "--prompt", concept_prompt(name)]
@@ -51,8 +53,8 @@ def concept_prompt(name, photo=True):
     return f"{'photo of ' if photo else ''}a {toy.DEFAULT_TOKENS[name]} {toy.CONCEPTS[name].shape}"
 
 
-def samples(sd, prompt, n, seed=0, **options):
-    return generate(sd, [prompt] * n, steps=STEPS, guidance=GUIDANCE, seed=seed, progress=False, **options)
+def samples(sd, prompt, n, seed=0, steps=STEPS, **options):
+    return generate(sd, [prompt] * n, steps=steps, guidance=GUIDANCE, seed=seed, progress=False, **options)
 
 
 def concept_scores(sd, name, n, **options):
@@ -79,46 +81,47 @@ def reg_folder(folder, shape, n):
     return folder
 
 
-def personalize(work, n, quick):
+def personalize(work, n, quick, steps, seed):
     base = load()
-    results = {"base model": concept_scores(base, A, n)}
-    steps = ["--steps", 20] if quick else []
+    results = {"base model": concept_scores(base, A, n, steps=steps)}
+    short = ["--steps", 20] if quick else []
     for method in ("custom", "svdiff", "residual"):
         sd = load()
-        load_delta(sd, train(work / f"{method}.safetensors", method, [A], *steps))
-        results[method] = concept_scores(sd, A, n)
+        load_delta(sd, train(work / f"{method}.safetensors", method, [A], *short, seed=seed))
+        results[method] = concept_scores(sd, A, n, steps=steps)
     # the same residuals with LAG (Ham et al. §3.3; "a square", naming no token, is then the base model's), and
     # with guidance's unconditional prediction from the base model (ours, not the papers'), alone and with LAG
-    results["residual, LAG"] = concept_scores(sd, A, n, lag=True)
-    results["residual, base unconditional"] = concept_scores(sd, A, n, base_unconditional=True)
-    results["residual, LAG + base unconditional"] = concept_scores(sd, A, n, lag=True, base_unconditional=True)
+    results["residual, LAG"] = concept_scores(sd, A, n, steps=steps, lag=True)
+    results["residual, base unconditional"] = concept_scores(sd, A, n, steps=steps, base_unconditional=True)
+    results["residual, LAG + base unconditional"] = concept_scores(sd, A, n, steps=steps, lag=True,
+                                                                   base_unconditional=True)
     sd = load()
     reg = reg_folder(work / "reg", toy.CONCEPTS[A].shape, 8 if quick else 64)
-    load_delta(sd, train(work / "custom-reg.safetensors", "custom", [A], "--reg-dir", reg, *steps))
-    results["custom + regularisation images"] = concept_scores(sd, A, n)
+    load_delta(sd, train(work / "custom-reg.safetensors", "custom", [A], "--reg-dir", reg, *short, seed=seed))
+    results["custom + regularisation images"] = concept_scores(sd, A, n, steps=steps)
     return results
 
 
-def both_present(sd, n):
+def both_present(sd, n, **options):
     prompt = f"{concept_prompt(A)} and {concept_prompt(B, photo=False)}"  # photo of a <new1> square and a <new2> ...
-    images = samples(sd, prompt, n, seed=3)
+    images = samples(sd, prompt, n, seed=3, **options)
     seen = toy.describe(images)
     both = [{o.concept for o in s.objects} >= {A, B} for s in seen]
     return {"both concepts": float(np.mean(both)), A: toy.concept_presence(images, A),
             B: toy.concept_presence(images, B)}
 
 
-def compose(work, n, quick):
-    steps = ["--steps", 20] if quick else []
-    paths = [train(work / f"{name}.safetensors", "custom", [name], *steps) for name in (A, B)]
+def compose(work, n, quick, steps, seed):
+    short = ["--steps", 20] if quick else []
+    paths = [train(work / f"{name}.safetensors", "custom", [name], *short, seed=seed) for name in (A, B)]
     results = {}
     for how in ("lagrangian", "add"):
         sd = load()
         combine(sd, paths, how=how, log=lambda *_: None)
-        results[f"{how} merge"] = both_present(sd, n)
+        results[f"{how} merge"] = both_present(sd, n, steps=steps)
     sd = load()
-    load_delta(sd, train(work / "joint.safetensors", "custom", [A, B], *steps))
-    results["joint training"] = both_present(sd, n)
+    load_delta(sd, train(work / "joint.safetensors", "custom", [A, B], *short, seed=seed))
+    results["joint training"] = both_present(sd, n, steps=steps)
     return results
 
 
@@ -133,24 +136,27 @@ def one_background_folder(folder, name, background, n=6):
     return folder
 
 
-def lag(work, n, quick):
+def lag(work, n, quick, steps, seed):
     """Background preservation (against the base model from the same noise, the concept's token left out) with
     and without LAG, for residuals trained on the shipped images (varied backgrounds) and on the concept shot on
     one background (yellow), asked for on backgrounds other than its images'."""
-    steps = ["--steps", 20] if quick else []
+    short = ["--steps", 20] if quick else []
     sets = {"varied backgrounds": toy.CONCEPTS_DIR / A,
             "one background (yellow)": one_background_folder(work / "yellow", A, "yellow")}
     prompts = [f"{concept_prompt(A)} on a {colour} background" for colour in LAG_BACKGROUNDS[:3 if quick else None]]
     base = load()  # the reference: the same x_T without the concept's token
-    references = [samples(base, prompt.replace(f"{toy.DEFAULT_TOKENS[A]} ", ""), n, seed=5) for prompt in prompts]
+    references = [samples(base, prompt.replace(f"{toy.DEFAULT_TOKENS[A]} ", ""), n, seed=5, steps=steps)
+                  for prompt in prompts]
     results = {}
     for label, folder in sets.items():
         sd = load()
-        load_delta(sd, train(work / f"residual-{len(results)}.safetensors", "residual", [A], *steps,
-                             folders={A: folder}))  # attached, not folded: LAG blends base and personalised proj_out
+        # attached, not folded: LAG blends base and personalised proj_out
+        load_delta(sd, train(work / f"residual-{len(results)}.safetensors", "residual", [A], *short,
+                             folders={A: folder}, seed=seed))
         results[label] = {}
         for colour, prompt, reference in zip(LAG_BACKGROUNDS, prompts, references):
-            plain, localized = samples(sd, prompt, n, seed=5), samples(sd, prompt, n, seed=5, lag=True)
+            plain = samples(sd, prompt, n, seed=5, steps=steps)
+            localized = samples(sd, prompt, n, seed=5, steps=steps, lag=True)
             results[label][colour] = {"plain": toy.background_preservation(plain, reference),
                                       "LAG": toy.background_preservation(localized, reference)}
     return results
@@ -164,7 +170,9 @@ def main(argv=None):
     p.add_argument("experiment", choices=[*EXPERIMENTS, "all"])
     p.add_argument("--quick", action="store_true", help="20 training steps and 4 images a prompt: a smoke run")
     p.add_argument("--n", type=int, default=None, help="images per prompt (default 16, 4 with --quick)")
-    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--steps", type=int, default=STEPS, help="DDIM steps a sample (Ham et al. §4.1: 50)")
+    p.add_argument("--train-seed", type=int, default=0, help="train.py --seed: the deltas' initialisation and batches")
+    p.add_argument("--json", default=None, help="also write the results here, with the protocol")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     if args.threads:
@@ -174,10 +182,13 @@ def main(argv=None):
     results = {}
     with tempfile.TemporaryDirectory() as work:
         for name in names:
-            results[name] = EXPERIMENTS[name](Path(work), n, args.quick)
+            results[name] = EXPERIMENTS[name](Path(work), n, args.quick, args.steps, args.train_seed)
             print(json.dumps({name: results[name]}, indent=1), flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        protocol = {"images per prompt": n, "DDIM steps": args.steps, "guidance": GUIDANCE,
+                    "training seed": args.train_seed, "quick": args.quick}
+        atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps({"protocol": protocol, **results},
+                                                                            indent=1)))
     return results
 
 

@@ -1,7 +1,9 @@
 """The short version of the papers' end-to-end experiments (nanocustom/endtoend.py --quick): every experiment
 runs through train.py, sample-time merging and LAG on the shapes model, and yields a fraction for each measure.
 The full figures (python -m nanocustom.endtoend all) are the README's; at 20 training steps they mean little."""
+import json
 import math
+import subprocess
 
 from nanocustom import endtoend
 
@@ -12,7 +14,7 @@ def fractions(tree):
 
 
 def test_every_experiment_runs_end_to_end_and_scores_fractions(tmp_path):
-    results = endtoend.main(["all", "--quick", "--json", str(tmp_path / "e2e.json")])
+    results = endtoend.main(["all", "--quick", "--steps", "10", "--json", str(tmp_path / "e2e.json")])
     runs = ["custom", "svdiff", "residual", "residual, LAG", "residual, base unconditional",
             "residual, LAG + base unconditional", "custom + regularisation images"]
     assert list(results["personalize"]) == ["base model", *runs]
@@ -27,4 +29,17 @@ def test_every_experiment_runs_end_to_end_and_scores_fractions(tmp_path):
     values = list(fractions(results))
     assert len(values) == 2 + 7 * 3 + 3 * 3 + 2 * 3 * 2
     assert all(0.0 <= v <= 1.0 and not math.isnan(v) for v in values)
-    assert (tmp_path / "e2e.json").is_file()
+    written = json.loads((tmp_path / "e2e.json").read_text())
+    assert written.pop("protocol") == {"images per prompt": 4, "DDIM steps": 10, "guidance": 6.0,
+                                       "training seed": 0, "quick": True}
+    assert written == results
+
+
+def test_the_training_seed_reaches_train_py(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(endtoend.subprocess, "run",
+                        lambda argv, **_: calls.append(argv) or subprocess.CompletedProcess(argv, 0))
+    endtoend.train(tmp_path / "d.safetensors", "residual", [endtoend.A], "--steps", 20, seed=2)
+    argv = calls[0]
+    assert argv[argv.index("--seed") + 1] == "2" and argv[argv.index("--steps") + 1] == "20"
+    assert argv[argv.index("--concept") + 1] == str(endtoend.toy.CONCEPTS_DIR / endtoend.A)
