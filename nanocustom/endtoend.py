@@ -175,6 +175,8 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="also write the results here, with the protocol")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
+    if args.steps < 1:
+        p.error(f"--steps {args.steps}: a sample needs at least 1 DDIM step; use 25 (ours) or 50 (Ham et al.)")
     if args.threads:
         torch.set_num_threads(args.threads)
     n = args.n or (4 if args.quick else 16)

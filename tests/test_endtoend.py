@@ -5,6 +5,8 @@ import json
 import math
 import subprocess
 
+import pytest
+
 from nanocustom import endtoend
 
 
@@ -43,3 +45,9 @@ def test_the_training_seed_reaches_train_py(monkeypatch, tmp_path):
     argv = calls[0]
     assert argv[argv.index("--seed") + 1] == "2" and argv[argv.index("--steps") + 1] == "20"
     assert argv[argv.index("--concept") + 1] == str(endtoend.toy.CONCEPTS_DIR / endtoend.A)
+
+
+def test_zero_sampling_steps_is_refused_before_anything_runs(capsys):
+    with pytest.raises(SystemExit) as refused:
+        endtoend.main(["personalize", "--steps", "0"])
+    assert refused.value.code == 2 and "--steps 0: a sample needs at least 1 DDIM step" in capsys.readouterr().err
