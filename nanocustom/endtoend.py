@@ -189,8 +189,8 @@ def main(argv=None):
     if args.json:
         protocol = {"images per prompt": n, "DDIM steps": args.steps, "guidance": GUIDANCE,
                     "training seed": args.train_seed, "quick": args.quick}
-        atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps({"protocol": protocol, **results},
-                                                                            indent=1)))
+        text = json.dumps({"protocol": protocol, **results}, indent=1)
+        atomic_write(args.json, lambda tmp: Path(tmp).write_text(text))
     return results
 
 
