@@ -58,11 +58,11 @@ TEXT_CONFIG = CLIPTextConfig(hidden_size=64, intermediate_size=256, num_hidden_l
                              causal=False)
 P_UNCOND = 0.1  # fraction of captions replaced by "" (classifier-free guidance)
 ZERO_SNR = dict(zero_terminal_snr=True, spacing="trailing")  # stage 3's schedule; see train_diffusion
-# The one command's steps, sized to 90 minutes on a 2-core CPU (README, "The recipe").
+# The one command's steps: its session-20 run met the quality targets in 94 min on 2 CPU cores (README).
 VAE_STEPS, VAE_CROP, VAE_FULL_STEPS = 2000, 32, 100  # stage 1's, of 8 images: 32 x 32 crops but the last 100
 TEXT_STEPS = 600  # stage 1b's, of 128 captions
-UNET_STEPS, SCENES = 1100, 10_000  # stage 2's, of 32 latents, from SCENES scenes encoded once (0: render afresh)
-FINISH_STEPS, FINISH_SCENES, FINISH_LR = 1300, 8_000, 5e-4  # stage 3's
+UNET_STEPS, SCENES = 3000, 10_000  # stage 2's, of 32 latents, from SCENES scenes encoded once (0: render afresh)
+FINISH_STEPS, FINISH_SCENES, FINISH_LR = 3500, 8_000, 5e-4  # stage 3's
 PAIRS = 0.7  # the fraction of scenes with two objects: binding is learnt from them (JOURNAL.md)
 
 
@@ -292,8 +292,8 @@ def encode(sd, scenes):
 
 def encode_scenes(sd, n, seed, log, pairs=0.5, patterns=toy.PATTERN_PROB, chunk=256):
     """Stage 2's training set: n random scenes, rendered and encoded once. The VAE is frozen by now and its
-    encoder at 64x64 costs a third of a CPU training step, so each scene is encoded once and seen ~4 times
-    (1,100 steps x 32 / 10,000), each time under a freshly drawn caption (toy.random_caption).
+    encoder at 64x64 costs a third of a CPU training step, so each scene is encoded once and seen ~10 times
+    (3,000 steps x 32 / 10,000), each time under a freshly drawn caption (toy.random_caption).
     Returns (scenes, posterior means, stds)."""
     rng = np.random.default_rng([seed, 5])
     scenes = [toy.random_scene(rng, pair_prob=pairs, pattern_prob=patterns) for _ in range(n)]
