@@ -78,6 +78,21 @@ def random_crops(x, side, generator):
     return torch.stack([im[:, t:t + side, l:l + side] for im, t, l in zip(x, tops, lefts)])
 
 
+class Pace:
+    """A stage's pace for its log lines, "0.70 s a step, 34 min to go", timed from its step 0: 2-core machines
+    differ by up to 2x (README), so the log says early how long this one will take."""
+
+    def __init__(self, steps):
+        self.steps, self.start = steps, None
+
+    def __call__(self, step):
+        if self.start is None:
+            self.start = time.time()
+            return ""
+        per_step = (time.time() - self.start) / step
+        return f"  {per_step:.2f} s a step, {per_step * (self.steps - 1 - step) / 60:.0f} min to go"
+
+
 def cosine_step(opt, loss, lr, step, steps):
     """One optimizer step on loss, then the next step's learning rate: lr on a cosine decay to 0 at `steps`."""
     opt.zero_grad(set_to_none=True)
@@ -98,6 +113,7 @@ def train_vae(vae, steps, batch, lr, seed, log, mse_weight=1.0, crop=None, full_
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # start from a nearly deterministic posterior (std e^-5): with logvar ~ 0 at init the
         vae.quant_conv.bias[vae.config.embed_dim:] = -10.0  # decoder learns from noisy latents and blurs
+    pace = Pace(steps)
     for step in range(steps):
         x = to_model_images(toy.sample_batch(batch, seed=[seed, 0, step])[0])
         if crop and step < steps - full_steps:
@@ -110,7 +126,7 @@ def train_vae(vae, steps, batch, lr, seed, log, mse_weight=1.0, crop=None, full_
         loss = F.l1_loss(decoded, x) + mse_weight * F.mse_loss(decoded, x) + 1e-6 * kl
         cosine_step(opt, loss, lr, step, steps)
         if step % 50 == 0 or step == steps - 1:
-            log(f"vae  step {step:5d}/{steps}  l1 {loss.item():.4f}")
+            log(f"vae  step {step:5d}/{steps}  l1 {loss.item():.4f}{pace(step)}")
     return vae.eval().requires_grad_(False)
 
 
@@ -127,6 +143,7 @@ def train_decoder(vae, steps, batch, lr, seed, log, patterns=toy.PATTERN_PROB):
     device, generator = next(vae.parameters()).device, torch.Generator().manual_seed(seed)
     for p in params:
         p.requires_grad_(True)
+    pace = Pace(steps)
     for step in range(steps):
         rng = np.random.default_rng([seed, 6, step])
         scenes = [toy.random_scene(rng, pattern_prob=patterns) for _ in range(batch)]
@@ -138,7 +155,7 @@ def train_decoder(vae, steps, batch, lr, seed, log, patterns=toy.PATTERN_PROB):
         loss = F.l1_loss(decoded, x) + F.mse_loss(decoded, x)
         cosine_step(opt, loss, lr, step, steps)
         if step % 50 == 0 or step == steps - 1:
-            log(f"decoder step {step:5d}/{steps}  loss {loss.item():.4f}")
+            log(f"decoder step {step:5d}/{steps}  loss {loss.item():.4f}{pace(step)}")
     return vae.eval().requires_grad_(False)
 
 
@@ -231,6 +248,7 @@ def train_text_encoder(text_encoder, tokenizer, steps, batch, lr, seed, log, pai
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     rng = np.random.default_rng([seed, 6])
     text_encoder.train().requires_grad_(True)
+    pace = Pace(steps)
     for step in range(steps):
         captions = [toy.random_caption(toy.random_scene(rng, pair_prob=pairs), rng) for _ in range(batch)]
         obj, scene = (t.to(device) for t in parse_targets(captions, causal=text_encoder.config.causal))
@@ -243,7 +261,7 @@ def train_text_encoder(text_encoder, tokenizer, steps, batch, lr, seed, log, pai
             group["lr"] = lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + np.cos(np.pi * step / steps))
         opt.step()
         if step % 50 == 0 or step == steps - 1:
-            log(f"text step {step:5d}/{steps}  parse loss {loss.item():.4f}")
+            log(f"text step {step:5d}/{steps}  parse loss {loss.item():.4f}{pace(step)}")
     return text_encoder.eval().requires_grad_(False)
 
 
@@ -379,6 +397,7 @@ def train_diffusion(sd, steps, batch, lr, seed, log, ema_decay=0.999, samples=No
     opt = torch.optim.AdamW(modules.parameters(), lr=lr, weight_decay=0.01)
     generator = torch.Generator().manual_seed(seed)
     batches = scene_batches(sd, batch, steps, seed, scenes, generator, log, pairs, patterns)
+    pace = Pace(steps)  # timed from step 0, after the encoding
     for step, (mean, std, scene_list) in enumerate(batches):
         drop = torch.rand(batch, generator=generator) < P_UNCOND
         captions = ["" if d else toy.random_caption(scene, caption_rng) for scene, d in zip(scene_list, drop.tolist())]
@@ -400,7 +419,7 @@ def train_diffusion(sd, steps, batch, lr, seed, log, ema_decay=0.999, samples=No
             for e, p in zip(ema.parameters(), modules.parameters()):
                 e.lerp_(p, 1 - decay)
         if step % 50 == 0 or step == steps - 1:
-            log(f"{stage} step {step:5d}/{steps}  loss {loss.item():.4f}")
+            log(f"{stage} step {step:5d}/{steps}  loss {loss.item():.4f}{pace(step)}")
         if samples and (step + 1) % 500 == 0:
             save_samples(StableDiffusion(**{**vars(sd), **ema}), samples, f"{stage}-{step + 1:05d}", log)
     for name, module in ema.items():

@@ -1,7 +1,10 @@
 """Pieces of the pretraining recipe (nanocustom/pretrain.py) that a short run cannot show."""
+from types import SimpleNamespace
+
 import torch
 
-from nanocustom.pretrain import LossBalance
+from nanocustom import pretrain
+from nanocustom.pretrain import LossBalance, Pace
 
 
 def test_loss_balance_gives_every_noise_level_the_same_share_of_the_loss():
@@ -29,6 +32,15 @@ def test_loss_balance_keeps_the_loss_scale_and_starts_from_the_first_loss_it_see
     assert torch.allclose(weights * loss, torch.full((4,), 64.0 ** 0.25))  # the geometric mean of 1, 2, 4, 8
     unseen = LossBalance(1000, bins=4)
     assert torch.allclose(unseen(torch.tensor([3.0]), torch.tensor([10])), torch.tensor([1.0]))
+
+
+def test_a_stages_log_says_its_pace_and_the_time_left(monkeypatch):
+    """Timed from step 0: after 50 steps in 35 s, 0.70 s a step and (3,000 - 1 - 50) x 0.7 s = 34 min to go."""
+    clock = iter([100.0, 135.0])
+    monkeypatch.setattr(pretrain, "time", SimpleNamespace(time=lambda: next(clock)))  # pretrain's clock alone
+    pace = Pace(3000)
+    assert pace(0) == ""
+    assert pace(50) == "  0.70 s a step, 34 min to go"
 
 
 def test_diagnose_counts_each_wrong_attribute_of_the_quick_protocol():
