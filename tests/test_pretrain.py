@@ -276,7 +276,7 @@ def test_the_parse_stage_teaches_the_text_encoder_to_parse():
     sd = new_model(UNET_CONFIG, VAE_CONFIG, TEXT_CONFIG, resolution=64)
     lines = []
     train_text_encoder(sd.text_encoder, sd.tokenizer, steps=150, batch=64, lr=3e-3, seed=0, log=lines.append)
-    losses = [float(line.split()[-1]) for line in lines]
+    losses = [float(line.split("parse loss")[1].split()[0]) for line in lines]
     assert losses[0] > 20 and losses[-1] < losses[0] / 2, losses
 
 
