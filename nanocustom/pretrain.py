@@ -60,10 +60,10 @@ P_UNCOND = 0.1  # fraction of captions replaced by "" (classifier-free guidance)
 ZERO_SNR = dict(zero_terminal_snr=True, spacing="trailing")  # stage 3's schedule; see train_diffusion
 # The one command's steps: its session-20 run met the quality targets in 94 min on 2 CPU cores (README);
 # 3,000 + 3,000 fell short (single-object 78.1%, session 21).
-VAE_STEPS, VAE_CROP, VAE_FULL_STEPS = 2000, 32, 50  # stage 1's, of 8 images: 32 x 32 crops but the last 50
-TEXT_STEPS = 450  # stage 1b's, of 128 captions
+VAE_STEPS, VAE_CROP, VAE_FULL_STEPS = 2000, 32, 100  # stage 1's, of 8 images: 32 x 32 crops but the last 100
+TEXT_STEPS = 600  # stage 1b's, of 128 captions
 UNET_STEPS, SCENES = 3000, 10_000  # stage 2's, of 32 latents, from SCENES scenes encoded once (0: render afresh)
-FINISH_STEPS, FINISH_SCENES, FINISH_LR = 3500, 4_000, 5e-4  # stage 3's
+FINISH_STEPS, FINISH_SCENES, FINISH_LR = 3500, 8_000, 5e-4  # stage 3's
 PAIRS = 0.7  # the fraction of scenes with two objects: binding is learnt from them (JOURNAL.md)
 
 
