@@ -155,7 +155,14 @@ class MergeSolver:
                               f"fit, relative residual ||W C^T - V||/||V|| = {residual:.3g}")
         return W.to(dtype)
 
-    def _merge_duplicate_targets(self, V, tol):
+    def constraint_residual(self, W, V):
+        """||W C^T - V||_F / ||V||_F over the constraints solve() imposes: each repeated row of C once, with
+        the mean of its targets (a merge that meets them exactly gives rounding, however far the copies'
+        own targets lie apart)."""
+        W, V = W.to(torch.float64), self.unique_targets(V.to(torch.float64))
+        return float(torch.linalg.norm(W @ self.C.T - V) / torch.linalg.norm(V).clamp_min(EPS))
+
+    def unique_targets(self, V):
         """V's columns for the unique rows of C: the mean over each group of repeated rows.
 
         The mean is the least-squares fit of W c = V_i for all copies i; it is their common value when
@@ -163,7 +170,11 @@ class MergeSolver:
         """
         s = self.C.shape[0]  # (torch.unique sorts, so this also puts V's columns in self.C's order)
         counts = torch.bincount(self.group, minlength=s).to(V.dtype)
-        V_mean = torch.zeros(V.shape[0], s, dtype=V.dtype, device=V.device).index_add_(1, self.group, V) / counts
+        return torch.zeros(V.shape[0], s, dtype=V.dtype, device=V.device).index_add_(1, self.group, V) / counts
+
+    def _merge_duplicate_targets(self, V, tol):
+        """unique_targets(V), with a warning where the copies' targets differ."""
+        V_mean = self.unique_targets(V)
         spread = float(torch.linalg.norm(V - V_mean[:, self.group]) / torch.linalg.norm(V).clamp_min(EPS))
         if spread > tol:
             warnings.warn(f"inconsistent constraints: repeated rows of C have different targets in V (relative "
@@ -290,52 +301,69 @@ def token_features(sd, prompts):
     return torch.cat(rows)
 
 
-def merge_custom_deltas(sd, deltas, class_words, reg_captions=None, log=print):
-    """N Custom Diffusion deltas (state dicts + metadata, as load_file / read_delta_metadata give them) -> one
-    delta's tensors and tokens: every K/V matrix solved by Eq. 5, all modifier tokens kept. sd is the base model,
-    without any delta attached. Prints the mean relative residual on the targets and on the regularization
-    captions."""
+def _attach_for(sd, infos, train="kv"):
+    """A new Custom Diffusion delta on sd holding every token of the deltas `infos` describe (their rows are set
+    by the caller, so the rare tokens they start from do not matter), after checking the deltas can share one."""
     from nanocustom.personalize import attach
-    tensors, infos = zip(*deltas)
     tokens = [t for info in infos for t in info["tokens"]]
     if len(set(tokens)) != len(tokens):
         raise NanocustomError(f"the deltas claim the same modifier token twice ({tokens}); train each concept "
                               "with its own token, e.g. <new1> and <new2>")
-    delta = attach(sd, "custom", tokens=tokens)  # the base K/V plus every concept's token rows
+    trained = sorted({info.get("options", {}).get("train", "kv") for info in infos})
+    if trained != [train] and train == "kv":
+        raise NanocustomError("the Lagrangian merge needs deltas trained on K/V alone (Eq. 4 constrains the "
+                              "projections that read the text), and some trained all of attn2 (--train-attn2); "
+                              "merge them with --merge add, or retrain without --train-attn2")
+    if trained != [train]:
+        raise NanocustomError("the deltas trained different parts of attn2 (some with --train-attn2, some "
+                              "without); add deltas trained alike")
+    return attach(sd, "custom", tokens=tokens, init_from=list(range(len(tokens))), train=train)
+
+
+def merge_custom_deltas(sd, deltas, class_words, reg_captions=None, log=print):
+    """N Custom Diffusion deltas (state dicts + metadata, as load_file / read_delta_metadata give them) -> one
+    delta's tensors and tokens: every K/V matrix solved by Eq. 5, all modifier tokens kept. class_words: per
+    delta, its concept's class ("dog"), or for a delta trained jointly on several tokens, one class per token.
+    sd is the base model, without any delta attached. Prints the mean relative residual on the targets and on
+    the regularization captions."""
+    tensors, infos = zip(*deltas)
+    delta = _attach_for(sd, infos)  # the base K/V plus every concept's token rows
     with torch.no_grad():
         delta.embedding.rows.copy_(torch.cat([t["modifier_tokens"] for t in tensors]))
-    C_by_concept = [token_features(sd, target_prompts(info["tokens"][0], word)) for info, word in zip(infos, class_words)]
-    C = torch.cat(C_by_concept)
-    C_reg = token_features(sd, reg_captions or REG_CAPTIONS.read_text().splitlines())
+    concepts = []  # (the fine-tuned tensors, the features of this token's target captions), token by token
+    for t, info, words in zip(tensors, infos, class_words):
+        words = [words] if isinstance(words, str) else list(words)
+        if len(words) != len(info["tokens"]):
+            raise NanocustomError(f"the delta for {info['tokens']} needs one class word per token, got {words}")
+        concepts += [(t, token_features(sd, target_prompts(tok, w))) for tok, w in zip(info["tokens"], words)]
+    C = torch.cat([Ci for _, Ci in concepts])
+    reg_captions = reg_captions or REG_CAPTIONS.read_text().splitlines()
+    C_reg = token_features(sd, reg_captions)
     with warnings.catch_warnings():  # "photo of a" opens every concept's prompt: the same rows (causal attention)
         warnings.filterwarnings("ignore", message="inconsistent constraints: repeated rows")  # with each concept's
         solver = MergeSolver(C, gram=RegularizerGram(C_reg))  # targets; they fit the mean, as expected here
     merged, target_res, reg_res = {}, [], []
     for key, W0 in delta.originals_by_key().items():
         W0 = W0.double().cpu()
-        V = torch.cat([t[key].double().cpu() @ Ci.T for t, Ci in zip(tensors, C_by_concept)], dim=1)  # V = [W_n c^T]
+        V = torch.cat([t[key].double().cpu() @ Ci.T for t, Ci in concepts], dim=1)  # V = [W_n c^T]
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="inconsistent constraints: repeated rows")
             W = solver.solve(W0, V)
         merged[key] = W.float()
-        target_res.append(((W @ C.T - V).norm() / V.norm()).item())
+        target_res.append(solver.constraint_residual(W, V))
         reg_res.append(((W - W0) @ C_reg.T).norm().item() / (W0 @ C_reg.T).norm().item())
-    log(f"merged {len(deltas)} concepts into {len(merged)} K/V matrices: mean relative residual "
-        f"{sum(target_res) / len(target_res):.2e} on the targets, {sum(reg_res) / len(reg_res):.2e} on "
-        f"{len(reg_captions or REG_CAPTIONS.read_text().splitlines())} regularization captions")
+    log(f"merged {len(concepts)} concepts into {len(merged)} K/V matrices: mean relative residual "
+        f"{sum(target_res) / len(target_res):.2e} on the targets (repeated rows: their mean), "
+        f"{sum(reg_res) / len(reg_res):.2e} on {len(reg_captions)} regularization captions")
     delta.load_state_dict({**merged, "modifier_tokens": delta.embedding.rows.detach()})
     return delta
 
 
 def add_custom_deltas(sd, deltas):
-    """The baseline Kumari et al. compare against: W = W0 + sum_n (W_n - W0), every token kept."""
-    from nanocustom.personalize import attach
+    """The baseline Kumari et al. compare against: W = W0 + sum_n (W_n - W0), every token kept. Deltas trained on
+    all of attn2 add as they are (all of them must have trained the same projections)."""
     tensors, infos = zip(*deltas)
-    tokens = [t for info in infos for t in info["tokens"]]
-    if len(set(tokens)) != len(tokens):
-        raise NanocustomError(f"the deltas claim the same modifier token twice ({tokens}); train each concept "
-                              "with its own token, e.g. <new1> and <new2>")
-    delta = attach(sd, "custom", tokens=tokens)
+    delta = _attach_for(sd, infos, train=infos[0].get("options", {}).get("train", "kv"))
     added = {key: W0 + sum(t[key].to(W0) - W0 for t in tensors) for key, W0 in delta.originals_by_key().items()}
     delta.load_state_dict({**added, "modifier_tokens": torch.cat([t["modifier_tokens"] for t in tensors])})
     return delta
@@ -343,15 +371,17 @@ def add_custom_deltas(sd, deltas):
 
 # ----------------------------------------------------------------------------- combining saved deltas
 
-def class_word(info):
-    """The class word of a delta's concept, read off its training prompt: "photo of a <new1> dog" -> "dog"."""
+def class_words(info):
+    """The class of each of a delta's modifier tokens, read off its training prompts: what follows the token,
+    "photo of a <new1> tortoise plushy" -> "tortoise plushy" (composenW.py's --categories, which users give)."""
     import re
     prompts = info.get("training", {}).get("prompt") or []
-    words = [m.group(1) for p in prompts for m in [re.search(r"<[^<>\s]+>\s+(\w+)", p)] if m]
-    if not words:
-        raise NanocustomError(f"the delta for {info.get('tokens')} records no training prompt to read its class word "
-                              "from; retrain it with train.py, or merge with how='add'")
-    return words[0]
+    found = {m.group(1): m.group(2).strip(" .,") for p in prompts for m in re.finditer(r"(<[^<>\s]+>)\s+([^<>]+)", p)}
+    missing = [t for t in info["tokens"] if not found.get(t)]
+    if missing:
+        raise NanocustomError(f"the delta for {info.get('tokens')} records no training prompt naming {missing} before "
+                              "a class word; retrain it with train.py, or merge with how='add'")
+    return [found[t] for t in info["tokens"]]
 
 
 def combine(sd, paths, how="lagrangian", scales=None, force=False, reg_captions=None, log=print):
@@ -377,7 +407,7 @@ def combine(sd, paths, how="lagrangian", scales=None, force=False, reg_captions=
         deltas = list(zip(tensors, infos))
         if how == "add":
             return add_custom_deltas(sd, deltas)
-        return merge_custom_deltas(sd, deltas, [class_word(i) for i in infos], reg_captions, log)
+        return merge_custom_deltas(sd, deltas, [class_words(i) for i in infos], reg_captions, log)
     tokens = [t for info in infos for t in info["tokens"]]
     if len(set(tokens)) != len(tokens):
         raise NanocustomError(f"the deltas claim the same modifier token twice ({tokens}); train each concept "

@@ -6,11 +6,12 @@ import torch
 from nanocustom.checkpoint import new_model
 from nanocustom.clip import CLIPTextConfig
 from nanocustom.errors import NanocustomError
-from nanocustom.merge import (REG_CAPTIONS, add_custom_deltas, combine, merge_custom_deltas, target_prompts,
-                              token_features)
+from nanocustom.merge import (REG_CAPTIONS, MergeSolver, add_custom_deltas, class_words, combine, merge_custom_deltas,
+                              target_prompts, token_features)
 from nanocustom.personalize import attach, save_delta
 from nanocustom.unet import UNetConfig
 from nanocustom.vae import VAEConfig
+from test_merge_math import kkt_solve
 
 REG = REG_CAPTIONS.read_text().splitlines()[:200]
 
@@ -58,15 +59,81 @@ def test_merged_kv_reproduce_each_concepts_targets_and_keep_the_base_elsewhere()
         for key in W0:
             target = tensors[key] @ c.T
             assert ((W[key] @ c.T - target).norm() / target.norm()) < 1e-4  # Eq. 4's constraint W C^T = V
-    # Eq. 4's objective, against another weight that meets the same constraints: the least-norm change of W0
+    # and W is Eq. 4's minimiser: a generic KKT solve of the same problem (repeated rows once, their mean target)
     C = token_features(sd, [p for t, w in (("<new1>", "square"), ("<new2>", "circle")) for p in target_prompts(t, w)])
     C_reg = token_features(sd, REG)
+    solver = MergeSolver(C, C_reg)
     for key in W0:
         V = torch.cat([t[key].double() @ token_features(sd, target_prompts(tok, w)).T
                        for (t, _), tok, w in zip(deltas, ["<new1>", "<new2>"], ["square", "circle"])], dim=1)
-        least_norm = W0[key].double() + (V - W0[key].double() @ C.T) @ torch.linalg.pinv(C @ C.T) @ C
-        merged_change = ((W[key].double() - W0[key].double()) @ C_reg.T).norm()
-        assert merged_change < ((least_norm - W0[key].double()) @ C_reg.T).norm()
+        expected = kkt_solve(W0[key].double(), solver.C, solver.unique_targets(V), C_reg.T @ C_reg)
+        torch.testing.assert_close(W[key].double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def jointly_trained(sd, tokens, seed):
+    """One delta holding several tokens, as train.py writes after joint training (Kumari et al. §3.2)."""
+    delta = attach(sd, "custom", tokens=tokens, init_from=[42170 + seed + i for i in range(len(tokens))])
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in (p for group in delta.trainable() for p in group["params"]):
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    tensors, info = delta.state_dict(), delta.metadata()
+    delta.detach()
+    return tensors, info
+
+
+def test_every_token_of_a_jointly_trained_delta_keeps_its_targets():
+    sd = tiny()
+    deltas = [jointly_trained(sd, ["<new1>", "<new2>"], 1), fine_tuned(sd, "<new3>", 3)]
+    merged = merge_custom_deltas(sd, deltas, [["square", "circle"], "star"], reg_captions=REG, log=lambda _: None)
+    W = merged.state_dict()
+    for tensors, token, word in [(deltas[0][0], "<new1>", "square"), (deltas[0][0], "<new2>", "circle"),
+                                 (deltas[1][0], "<new3>", "star")]:
+        c = token_features(sd, [f"{token} {word}"]).float()  # the bare caption's rows: no row shared with another
+        for key in merged.originals_by_key():
+            target = tensors[key] @ c.T
+            assert ((W[key] @ c.T - target).norm() / target.norm()) < 1e-4
+
+
+def test_more_concepts_than_rare_tokens_merge_and_add():
+    sd = tiny()
+    deltas = [fine_tuned(sd, f"<new{i}>", i) for i in range(1, 5)]  # four; RARE_TOKENS has three
+    merged = merge_custom_deltas(sd, deltas, ["square", "circle", "star", "heart"], reg_captions=REG,
+                                 log=lambda _: None)
+    assert merged.tokens == ["<new1>", "<new2>", "<new3>", "<new4>"]
+    merged.detach()
+    added = add_custom_deltas(sd, deltas)
+    assert torch.equal(added.state_dict()["modifier_tokens"], torch.cat([d[0]["modifier_tokens"] for d in deltas]))
+
+
+def test_deltas_trained_on_all_of_attn2_add_whole_and_are_refused_by_eq_4():
+    sd = tiny()
+    deltas = []
+    for i, token in enumerate(["<new1>", "<new2>"]):
+        delta = attach(sd, "custom", tokens=[token], init_from=[42170 + i], train="attn2")
+        with torch.no_grad():
+            for p in (p for group in delta.trainable() for p in group["params"]):
+                p.add_(0.01 * (i + 1))
+        deltas.append((delta.state_dict(), delta.metadata()))
+        delta.detach()
+    with pytest.raises(NanocustomError, match="--merge add"):
+        merge_custom_deltas(sd, deltas, ["square", "circle"], reg_captions=REG)
+    added = add_custom_deltas(sd, deltas)
+    W0, W = added.originals_by_key(), added.state_dict()
+    assert any(".to_q." in k for k in W0) and any(".to_out." in k for k in W0)  # q and out kept, not only K/V
+    for key in W0:
+        torch.testing.assert_close(W[key], deltas[0][0][key] + deltas[1][0][key] - W0[key])
+    added.detach()
+    with pytest.raises(NanocustomError, match="trained alike"):
+        add_custom_deltas(sd, [deltas[0], fine_tuned(sd, "<new3>", 3)])
+
+
+def test_class_words_are_read_per_token_from_the_training_prompts():
+    info = {"tokens": ["<new1>", "<new2>"],
+            "training": {"prompt": ["photo of a <new1> tortoise plushy", "a <new2> circle."]}}
+    assert class_words(info) == ["tortoise plushy", "circle"]
+    with pytest.raises(NanocustomError, match="no training prompt"):
+        class_words({"tokens": ["<new3>"], "training": {"prompt": ["photo of a <new1> dog"]}})
 
 
 def test_adding_deltas_is_the_plain_sum_of_weight_changes():
