@@ -281,10 +281,11 @@ def bench_training_ours(sd, method, dtype, repeats):
     for name, cached, checkpointing in (("uncached", False, False), ("cached", True, False),
                                         ("cached + grad checkpointing", True, True)):
         cache, generator = (FeatureCache(sd) if cached else None), torch.Generator().manual_seed(0)
+        scaler = torch.amp.GradScaler(sd.device.type) if dtype == torch.float16 else None  # as train.py
         sd.unet.gradient_checkpointing = checkpointing
 
         def step():
-            loss = training_step(sd, batch, opt, generator, dtype, cache=cache)
+            loss = training_step(sd, batch, opt, generator, dtype, cache=cache, scaler=scaler)
             if not torch.isfinite(loss):
                 print(f"  warning: non-finite loss ({loss.item()}): this step skipped backward", flush=True)
 

@@ -82,8 +82,10 @@ def parse_args(argv=None):
 
 def check_args(args):
     shapes_model = args.ckpt is None
-    defaults = (SHAPES_DEFAULTS if shapes_model else DEFAULTS)[args.method]
-    for flag, default in zip(("lr", "batch_size", "steps"), defaults):
+    lr, batch_size, steps = (SHAPES_DEFAULTS if shapes_model else DEFAULTS)[args.method]
+    if args.lr is None and args.method == "custom" and args.batch_size is not None:
+        lr *= args.batch_size / batch_size  # Custom Diffusion's rate scales with the batch size (§4)
+    for flag, default in zip(("lr", "batch_size", "steps"), (lr, batch_size, steps)):
         if getattr(args, flag) is None:
             setattr(args, flag, default)
     if args.rank_fraction is not None and args.method != "residual":
@@ -106,6 +108,9 @@ def check_args(args):
         raise NanocustomError("--prior-weight and --gen-reg must be 0 or more")
     if not args.unmix_weight >= 0 or (args.unmix_weight > 0 and not args.cutmix):
         raise NanocustomError(f"--unmix-weight {args.unmix_weight} needs a value >= 0, and --cutmix when above 0")
+    if args.unmix_weight > 0 and args.grad_checkpointing:  # its maps would be recomputed without the observer
+        raise NanocustomError("--unmix-weight watches attention maps that --grad-checkpointing recomputes in "
+                              "backward; drop one of them")
     if args.cache and args.cutmix:
         raise NanocustomError("--cache needs a fixed set of samples; Cut-Mix-Unmix makes new ones: drop one of them")
     if len(args.prompt) != len(args.concept):
@@ -136,9 +141,10 @@ def concepts_from(args):
     return concepts
 
 
-def save_resume_state(path, delta, opt, step, generator):
-    """The delta, optimizer and RNG state, written atomically, for --resume."""
-    state = {"delta": delta.state_dict(), "optimizer": opt.state_dict(), "step": step, "generator": generator.get_state()}
+def save_resume_state(path, delta, opt, step, generator, scaler=None):
+    """The delta, optimizer, RNG and (fp16) loss-scale state, written atomically, for --resume."""
+    state = {"delta": delta.state_dict(), "optimizer": opt.state_dict(), "step": step, "generator": generator.get_state(),
+             "scaler": scaler.state_dict() if scaler else None}
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
@@ -171,6 +177,7 @@ def main(argv=None):
     for p in (p for group in trainable for p in group["params"]):
         p.data = p.data.float()  # trained tensors stay fp32 when the frozen weights are half; autocast casts them
     opt = torch.optim.AdamW(trainable, weight_decay=0.0)
+    scaler = torch.amp.GradScaler(sd.device.type) if dtype == torch.float16 else None
     generator = torch.Generator().manual_seed(args.seed)
     out, resume_path = Path(args.out), Path(args.out).with_suffix(".resume.pt")
     start = 0
@@ -181,6 +188,8 @@ def main(argv=None):
         delta.load_state_dict(state["delta"])
         opt.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
+        if scaler and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         start = state["step"]
         print(f"resuming at step {start}")
 
@@ -190,7 +199,8 @@ def main(argv=None):
     try:
         for step in bar:
             batch = batches.next_batch(args.batch_size, generator)
-            loss = training_step(sd, batch, opt, generator, dtype, args.prior_weight, cache, diffusion, unmix)
+            loss = training_step(sd, batch, opt, generator, dtype, args.prior_weight, cache, diffusion, unmix,
+                                 scaler)
             if not torch.isfinite(loss):
                 delta.load_state_dict(last_good)
                 save_delta(delta, out, metadata)
@@ -199,7 +209,7 @@ def main(argv=None):
             last_good = delta.state_dict()
             bar.set_postfix(loss=f"{loss.item():.4f}")
             if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
-                save_resume_state(resume_path, delta, opt, step + 1, generator)
+                save_resume_state(resume_path, delta, opt, step + 1, generator, scaler)
                 save_delta(delta, out, metadata)
     except KeyboardInterrupt:
         delta.load_state_dict(last_good)

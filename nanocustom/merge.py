@@ -292,12 +292,15 @@ def target_prompts(token, class_word):
 
 
 @torch.no_grad()
-def token_features(sd, prompts):
+def token_features(sd, prompts, chunk=256):
     """The text features c the K/V projections read: for each prompt, its tokens after the start token up to and
-    including the first EOS (no padding), as in composenW.py -> [tokens, dim] in float64."""
-    ids = sd.tokenizer.encode(prompts).to(sd.device)
-    features = sd.text_encoder(ids).double().cpu()
-    rows = [features[i, 1:ids[i].tolist().index(sd.tokenizer.eos_id) + 1] for i in range(len(prompts))]
+    including the first EOS (no padding), as in composenW.py -> [tokens, dim] in float64. Encoded `chunk`
+    prompts at a time, so a thousand regularization captions stay within an SD-size encoder's memory."""
+    rows = []
+    for start in range(0, len(prompts), chunk):
+        ids = sd.tokenizer.encode(prompts[start:start + chunk]).to(sd.device)
+        features = sd.text_encoder(ids).double().cpu()
+        rows += [features[i, 1:ids[i].tolist().index(sd.tokenizer.eos_id) + 1] for i in range(len(ids))]
     return torch.cat(rows)
 
 

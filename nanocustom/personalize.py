@@ -145,12 +145,12 @@ class Delta:
 
     def trainable(self, lr=None):
         """Optimizer param groups holding only the trained tensors, each {"name", "params", "lr"} with the paper's
-        learning rate; `lr` sets the first group's and scales the others by the same factor."""
+        learning rate; `lr` replaces the method's own (self.lr) and scales every group by the same factor."""
         groups = self._groups()
         if self.embedding is not None and self.embedding.rows.requires_grad:
-            groups.append(("modifier_tokens", [self.embedding.rows], groups[0][2]))
+            groups.append(("modifier_tokens", [self.embedding.rows], self.lr))
         groups = [g for g in groups if g[1]]
-        factor = 1.0 if lr is None else lr / groups[0][2]
+        factor = 1.0 if lr is None else lr / self.lr
         return [{"name": name, "params": params, "lr": group_lr * factor} for name, params, group_lr in groups]
 
     def state_dict(self):

@@ -88,8 +88,9 @@ class Unmix:
         where = {}  # token -> (its position in each prompt, which prompts hold it), once per batch
         for token in self.tokens:
             at = ids == self.sd.tokenizer.token_id(token)  # [B, 77]
-            if at.any():
-                where[token] = at.float().argmax(1), at.any(1)
+            present = at.any(1) & batch["cutmix"].cpu()  # the term averages over the cut-mixes naming the token
+            if present.any():
+                where[token] = at.float().argmax(1), present
         masks, terms = {}, []  # masks: (token, side) -> M flattened, one per attention resolution
 
         def observer(path, probs):  # probs [B, heads, H*W, 77], with grad
@@ -114,10 +115,13 @@ def encode_text(sd, prompts):
     return sd.text_encoder(sd.tokenizer.encode(prompts).to(sd.device))
 
 
-def training_step(sd, batch, opt, generator, dtype, prior_weight=1.0, cache=None, diffusion=None, unmix=None):
+def training_step(sd, batch, opt, generator, dtype, prior_weight=1.0, cache=None, diffusion=None, unmix=None,
+                  scaler=None):
     """One step on `batch` (ConceptBatches.next_batch) -> the loss. `dtype`: the frozen weights' dtype, autocast's
-    when not float32; `unmix`: an Unmix, applied when the batch holds cut-mix samples. A non-finite loss is
-    returned before backward, no step taken, so that the caller can keep the last good delta."""
+    when not float32; `unmix`: an Unmix, applied when the batch holds cut-mix samples; `scaler`: a GradScaler for
+    float16, whose gradients through the frozen UNet would otherwise underflow (a per-element gradient of the loss
+    is ~1e-5 at 64x64 latents, below float16's smallest normal 6e-5). A non-finite loss is returned before
+    backward, no step taken, so that the caller can keep the last good delta."""
     diffusion = diffusion or sd.diffusion
     if cache is None:
         with torch.no_grad():
@@ -138,6 +142,11 @@ def training_step(sd, batch, opt, generator, dtype, prior_weight=1.0, cache=None
     if not torch.isfinite(loss):
         return loss
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    if scaler is None:
+        loss.backward()
+        opt.step()
+    else:  # loss scaling (Micikevicius et al. 2018): a step whose scaled gradients overflow is skipped
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
     return loss

@@ -92,7 +92,7 @@ def test_modifier_tokens_start_as_the_rare_tokens_42170_47629_43514(sd, method, 
     ids = sd.tokenizer.encode(["<new1> <new2> <new3> dog"])
     assert ids[0, 1:5].tolist() == [49408, 49409, 49410, sd.tokenizer.token_id("dog</w>")]
     rare = ids.clone()
-    rare[0, 1:4] = torch.tensor(RARE_TOKENS)
+    rare[0, 1:4] = torch.tensor([42170, 47629, 43514])  # "ktn", "pll", "ucd</w>" (Kumari et al. App. B)
     assert torch.equal(run(sd, ids=ids)[0], run(sd, ids=rare)[0])
 
 
@@ -219,10 +219,14 @@ def test_deltas_for_one_base_still_load_after_another_is_folded(sd, tmp_path):
         randomize_delta_(delta, seed=i)
         save_delta(delta, tmp_path / f"{method}.safetensors")
         delta.detach()
+    base = run(sd, "a <new1> and a <new2>")[1]
     load_delta(sd, tmp_path / "residual.safetensors").fold()
-    load_delta(sd, tmp_path / "svdiff.safetensors", cache_dir=tmp_path / "svd").fold()
+    svdiff = load_delta(sd, tmp_path / "svdiff.safetensors", cache_dir=tmp_path / "svd")
+    unfolded = run(sd, "a <new1> and a <new2>")[1]
+    svdiff.fold()
     assert sd.tokenizer.added_tokens == ["<new1>", "<new2>"]
-    run(sd, "a <new1> and a <new2>")
+    assert not torch.allclose(unfolded, base)
+    torch.testing.assert_close(run(sd, "a <new1> and a <new2>")[1], unfolded, rtol=1e-5, atol=1e-5)
 
 
 def test_param_groups_carry_the_papers_learning_rates(sd, tmp_path):
@@ -479,3 +483,13 @@ def test_svdiff_sizes_at_sd_v1_size_are_table_1s(sd_v1):
     delta = attach(sd_v1, "svdiff", text_encoder=True)  # the introduction's "1.7MB for StableDiffusion"
     assert parameter_count(delta) == 397_352  # 1.59 MB of fp32, + 196 tensors' overhead ~ 1.7 MB
     delta.detach()
+
+
+
+def test_a_given_rate_replaces_the_methods_own_and_keeps_the_1d_rate_in_proportion(sd, tmp_path):
+    for subset in ("all", "1d"):  # with "1d" the 1-D shifts are the first group, and still get App. A's ratio
+        delta = attach(sd, "svdiff", tokens=["<new1>"], subset=subset, cache_dir=tmp_path)
+        rates = {g["name"]: g["lr"] for g in delta.trainable(lr=2e-3)}
+        assert rates["1d_shifts"] == pytest.approx(2e-6)  # 1e-6, times 2e-3 / 1e-3
+        assert rates.get("spectral_shifts", 2e-3) == pytest.approx(2e-3)
+        delta.detach()

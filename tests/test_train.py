@@ -12,6 +12,7 @@ import nanocustom.training
 import train
 from nanocustom.checkpoint import load, new_model, save
 from nanocustom.clip import CLIPTextConfig
+from nanocustom.errors import NanocustomError
 from nanocustom.personalize import load_delta, read_delta_metadata
 from nanocustom.toy import CONCEPTS_DIR
 from nanocustom.unet import UNetConfig
@@ -113,3 +114,20 @@ def test_bad_training_input_is_one_line_and_exit_2(tiny, tmp_path, extra, messag
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_custom_diffusions_default_rate_scales_with_the_batch_size(tiny, tmp_path):
+    for batch_size, lr in (("8", 8e-5), ("2", 2e-5), ("16", 1.6e-4)):  # 1e-5 x the batch (Kumari et al. §4)
+        argv = args(tiny, tmp_path / "d.safetensors", "custom")
+        argv[argv.index("--batch-size") + 1] = batch_size
+        parsed = train.parse_args(argv)
+        train.check_args(parsed)
+        assert parsed.lr == pytest.approx(lr)
+
+
+def test_unmix_with_gradient_checkpointing_is_refused(tiny, tmp_path):
+    parsed = train.parse_args(args(tiny, tmp_path / "d.safetensors", "custom", "--concept", CONCEPT, "--prompt",
+                                   "photo of a <new2> circle", "--cutmix", "--unmix-weight", "1",
+                                   "--grad-checkpointing"))
+    with pytest.raises(NanocustomError, match="--grad-checkpointing"):
+        train.check_args(parsed)

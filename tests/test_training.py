@@ -173,3 +173,29 @@ def test_a_v_models_loss_is_l_simple_on_eps_that_is_v_error_times_abar(monkeypat
     expected = (sa.flatten() ** 2 * v_error).mean()
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-4, atol=1e-6)
     assert not torch.allclose(loss.detach(), v_error.mean(), rtol=1e-2)  # not the plain v-loss
+
+
+def test_unmix_term_is_the_mean_over_cut_mix_samples_alone():
+    sd = tiny_model()
+    attach(sd, "custom", tokens=["<new1>", "<new2>"])
+    unmix = Unmix(sd, ["<new1>", "<new2>"], weight=1.0)
+    batch = a_cutmix_batch()
+    torch.manual_seed(0)
+    term = unmix_term(sd, unmix, batch).item()
+    batch["prompts"][2] = "photo of a <new1> square"  # a plain target sample naming a token: M = 1, no error
+    torch.manual_seed(0)
+    assert unmix_term(sd, unmix, batch).item() == term  # not diluted by it
+
+
+def test_a_float16_step_with_loss_scaling_trains_the_fp32_tensors():
+    sd = tiny_model().to(dtype=torch.float16)  # the frozen weights in half, as train.py keeps them on CUDA
+    delta = attach(sd, "custom", tokens=["<new1>"])
+    params = [p for group in delta.trainable() for p in group["params"]]
+    for p in params:
+        p.data = p.data.float()
+    before = [p.detach().clone() for p in params]
+    opt, scaler = torch.optim.AdamW(params, lr=1e-3), torch.amp.GradScaler("cpu")
+    loss = training_step(sd, a_batch(), opt, torch.Generator().manual_seed(0), torch.float16, scaler=scaler)
+    assert torch.isfinite(loss) and scaler.get_scale() == 65536.0  # no overflow: the step was taken, not skipped
+    assert all(p.dtype == torch.float32 for p in params)
+    assert all(not torch.equal(p, b) for p, b in zip(params, before))
