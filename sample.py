@@ -6,6 +6,7 @@
 Writes one PNG per sample and a grid PNG to --out.
 """
 import argparse
+import math
 import os
 import re
 from pathlib import Path
@@ -16,10 +17,10 @@ from PIL import Image
 
 from nanocustom.attention import AttentionMaps, concept_positions, heatmap_strip
 from nanocustom.checkpoint import DEFAULT_CHECKPOINT, atomic_write, load
-from nanocustom.errors import NanocustomError, run_script
+from nanocustom.errors import NanocustomError, check_device, run_script
 from nanocustom.merge import combine, compress_custom_delta, decompress_custom_tensors
 from nanocustom.personalize import check_made_for, load_delta, read_delta_metadata, save_delta
-from nanocustom.pipeline import generate, image_grid
+from nanocustom.pipeline import check_size, generate, image_grid
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -59,12 +60,13 @@ def parse_args(argv=None):
 
 def check_args(args):
     for flag, ok, fix in (("--steps", args.steps > 0, "use at least 1"), ("--n", args.n > 0, "use at least 1"),
-                          ("--guidance", args.guidance >= 0, "use 0 or more (7.5 is SD's default)"),
-                          ("--eta", args.eta >= 0, "use a value in [0, 1]"),
+                          ("--guidance", 0 <= args.guidance < math.inf, "use 0 or more (7.5 is SD's default)"),
+                          ("--eta", 0 <= args.eta <= 1, "use a value in [0, 1]"),
                           ("--compress", args.compress is None or 0 < args.compress <= 1,
                            "use a fraction in (0, 1], e.g. 0.6; 1 keeps the delta exact")):
         if not ok:
             raise NanocustomError(f"{flag} {getattr(args, flag[2:])} is out of range; {fix}")
+    check_device(args.device)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise NanocustomError(f"--out {out} is a file, not a directory; choose a directory")
@@ -81,21 +83,26 @@ def check_args(args):
                               "pass --delta FILE")
 
 
-def apply_deltas(sd, paths, force, how="lagrangian", save_to=None, keep_unfolded=(), keep=None):
+def apply_deltas(sd, paths, force, how="lagrangian", save_to=None, keep_unfolded=(), keep=None, check=lambda: None):
     """Load the deltas (several: combined into one, nanocustom.merge.combine), optionally compress it (Kumari et al.
     App. B: W - W0 in low rank, `keep` of the sum of singular values) and save the result, and fold it into the
-    weights. keep_unfolded: the flags given ("--lag", "--base-uncond") that need a residual delta kept unfolded."""
+    weights. keep_unfolded: the flags given ("--lag", "--base-uncond") that need a residual delta kept unfolded;
+    check(): the input checks that need the deltas' tokens, run before anything is written."""
     flags = f"{' and '.join(keep_unfolded)} {'need' if len(keep_unfolded) > 1 else 'needs'}"  # "--lag needs"
     if not paths:
         if keep_unfolded:
             raise NanocustomError(f"{flags} a personalized-residuals delta: pass --delta FILE")
-        return
+        return check()
     for path in paths:  # as load_delta and combine check, with the flags in the way out
         check_made_for(sd, path, read_delta_metadata(path), force, "pass the --ckpt it was trained on, or --force to "
                        "apply it anyway")
     delta = combine(sd, paths, how, force=force) if len(paths) > 1 else load_delta(sd, paths[0], force=force)
     combined = f" ({how} merge)" if len(paths) > 1 and delta.method == "custom" else ""
     print(f"applied {', '.join(Path(p).name for p in paths)}{combined}")
+    if keep_unfolded and delta.method != "residual":
+        raise NanocustomError(f"{flags} a personalized-residuals delta, got {delta.method}: only "
+                              "residuals keep the base and personalised proj_out features apart, to blend them")
+    check()
     if keep is not None:
         if delta.method != "custom":
             raise NanocustomError(f"--compress is for Custom Diffusion deltas, and this one is {delta.method}: SVDiff's "
@@ -112,9 +119,6 @@ def apply_deltas(sd, paths, force, how="lagrangian", save_to=None, keep_unfolded
     elif save_to:
         save_delta(delta, save_to)
         print(f"wrote the combined delta to {save_to}")
-    if keep_unfolded and delta.method != "residual":
-        raise NanocustomError(f"{flags} a personalized-residuals delta, got {delta.method}: only "
-                              "residuals keep the base and personalised proj_out features apart, to blend them")
     if not keep_unfolded:
         delta.fold()
 
@@ -139,13 +143,19 @@ def main(argv=None):
     if args.ckpt is None:
         print(f"using the shapes model ({DEFAULT_CHECKPOINT.name}); pass --ckpt for Stable Diffusion v1")
     sd = load(args.ckpt, device=args.device, dtype=dtype)
+    height = sd.resolution if args.height is None else args.height
+    width = sd.resolution if args.width is None else args.width
+
+    def check():  # once the deltas' tokens are known, before a merged delta is written
+        check_tokens(sd, [args.prompt, args.negative_prompt])
+        if args.lag and not concept_positions(sd.tokenizer, args.prompt):
+            raise NanocustomError(f"--lag: {args.prompt!r} names no modifier token, so LAG would leave it all to the "
+                                  "base model; name the concept, e.g. 'photo of a <new1> dog'")
+        check_size(sd, height, width)
+
     unfolded = [flag for flag, on in (("--lag", args.lag), ("--base-uncond", args.base_uncond)) if on]
-    apply_deltas(sd, args.delta, args.force, args.merge, args.save_delta, keep_unfolded=unfolded, keep=args.compress)
-    check_tokens(sd, [args.prompt, args.negative_prompt])
-    if args.lag and not concept_positions(sd.tokenizer, args.prompt):
-        raise NanocustomError(f"--lag: {args.prompt!r} names no modifier token, so LAG would leave it all to the base "
-                              "model; name the concept, e.g. 'photo of a <new1> dog'")
-    height, width = args.height or sd.resolution, args.width or sd.resolution
+    apply_deltas(sd, args.delta, args.force, args.merge, args.save_delta, keep_unfolded=unfolded, keep=args.compress,
+                 check=check)
     f = sd.vae.downsampling_factor
     maps = AttentionMaps(args.n, (height // f, width // f)) if args.attn_maps else None
     images = generate(sd, [args.prompt] * args.n, negative_prompt=args.negative_prompt, steps=args.steps,

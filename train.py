@@ -13,6 +13,7 @@ checkpointed every --save-every steps (with `--resume` to go on), kept on Ctrl-C
 training with the last good delta saved.
 """
 import argparse
+import math
 import os
 import re
 import sys
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 
 from nanocustom.checkpoint import atomic_write, load
 from nanocustom.data import CUTMIX_PROB, Concept, ConceptBatches, generate_regularization
-from nanocustom.errors import NanocustomError, run_script
+from nanocustom.errors import NanocustomError, check_device, run_script
 from nanocustom.personalize import attach, save_delta
 from nanocustom.pipeline import generate, image_grid
 from nanocustom.training import FeatureCache, Unmix, training_step
@@ -81,6 +82,7 @@ def parse_args(argv=None):
 
 
 def check_args(args):
+    check_device(args.device)
     shapes_model = args.ckpt is None
     lr, batch_size, steps = (SHAPES_DEFAULTS if shapes_model else DEFAULTS)[args.method]
     if args.lr is None and args.method == "custom" and args.batch_size is not None:
@@ -104,10 +106,12 @@ def check_args(args):
                         ("--save-every", args.save_every)):
         if not value > 0:  # also nan
             raise NanocustomError(f"{flag} {value} is out of range; use a positive value")
-    if args.prior_weight < 0 or args.gen_reg < 0:
+    if not 0 <= args.prior_weight < math.inf or args.gen_reg < 0:  # also nan
         raise NanocustomError("--prior-weight and --gen-reg must be 0 or more")
     if not args.unmix_weight >= 0 or (args.unmix_weight > 0 and not args.cutmix):
         raise NanocustomError(f"--unmix-weight {args.unmix_weight} needs a value >= 0, and --cutmix when above 0")
+    if args.cutmix and len(args.concept) < 2:
+        raise NanocustomError("--cutmix composes two concepts; give two or more --concept/--prompt pairs, or drop it")
     if args.unmix_weight > 0 and args.grad_checkpointing:  # its maps would be recomputed without the observer
         raise NanocustomError("--unmix-weight watches attention maps that --grad-checkpointing recomputes in "
                               "backward; drop one of them")

@@ -111,7 +111,7 @@ class LAG:
     def __init__(self, sd, prompts, positions=None):
         delta = residual_delta(sd, "LAG")
         self.sd, self.n = sd, len(prompts)
-        self.positions = positions or [concept_positions(sd.tokenizer, p) for p in prompts]
+        self.positions = [concept_positions(sd.tokenizer, p) for p in prompts] if positions is None else positions
         self.layers = {layer.name.removesuffix(".proj_out"): layer for layer in delta.layers.values()}
         self.scores = {}  # block -> A_{i,C} [n, H*W], summed over the block's transformer blocks
         self.masks = {}   # block -> M_i, for inspection (the notebooks show them)

@@ -483,7 +483,7 @@ class ResidualConv(nn.Module):
         M = self.mask(self) if callable(self.mask) else self.mask
         if self.branch is not None:
             M = self.branch if M is None else M * self.branch
-        return f + r if M is None else f + M * r  # Eq. 3: (1 - M) ⊙ f + M ⊙ f' = f + M ⊙ (f' - f)
+        return f + r if M is None else f + M.to(r.dtype) * r  # Eq. 3: (1 - M) ⊙ f + M ⊙ f' = f + M ⊙ (f' - f)
 
 
 class PersonalizedResiduals(Delta):

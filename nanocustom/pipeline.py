@@ -47,10 +47,13 @@ def initial_noise(sd, n, height, width, generator):
 
 
 def check_size(sd, height, width):
-    f = sd.vae.downsampling_factor
+    """Each side a multiple of the VAE's factor times the UNet's 2^(levels - 1): every downsampling halves an even
+    size, so the upsampling path meets its skip connections (64 px for SD v1, 16 for the shapes model)."""
+    m = sd.vae.downsampling_factor * 2 ** (len(sd.unet.config.channel_mult) - 1)
     for name, size in (("height", height), ("width", width)):
-        if size <= 0 or size % f:
-            raise NanocustomError(f"--{name} {size} is not a positive multiple of {f}; use e.g. {max(f, size // f * f)}")
+        if size <= 0 or size % m:
+            raise NanocustomError(f"--{name} {size} is not a positive multiple of {m}; use e.g. "
+                                  f"{max(m, -(-size // m) * m)}")  # the next multiple up
 
 
 @torch.no_grad()
@@ -65,7 +68,7 @@ def generate(sd, prompts, negative_prompt="", steps=50, sampler="ddim", eta=0.0,
     the base model's pull to the class rather than the residual (README, "The papers' claims, end to end"). With
     `lag`, the unconditional half is the base model's and the conditional half blends by LAG's mask."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    height, width = height or sd.resolution, width or sd.resolution
+    height, width = sd.resolution if height is None else height, sd.resolution if width is None else width
     check_size(sd, height, width)
     generator = torch.Generator().manual_seed(seed)  # x_T, then the fresh noise of DDPM / DDIM with eta > 0,
     if latents is None:                               # drawn in diffusers' order so its pipeline gives our images

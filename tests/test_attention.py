@@ -1,4 +1,5 @@
 """Cross-attention observers, attention maps and LAG sampling (Ham et al. §3.3) on a tiny random model."""
+import numpy as np
 import pytest
 import torch
 
@@ -102,6 +103,17 @@ def test_lag_blends_base_and_personalised_features_per_eq3():
     for layer in delta.layers.values():
         layer.mask = torch.zeros(1)
     assert (generate(sd, prompts, steps=3, progress=False, seed=1) == base).all()  # M = 0: f
+
+
+def test_lag_keeps_a_half_precision_model_in_its_dtype():
+    """The 0/1 mask is made in float32; blended into bf16 features it must not promote them (the next conv is bf16)."""
+    sd = tiny().to(dtype=torch.bfloat16)
+    delta = residual(sd)
+    with torch.no_grad():
+        for layer in delta.layers.values():
+            layer.A.normal_(std=0.5)
+    images = generate(sd, [PROMPT], steps=2, progress=False, lag=True)
+    assert images.dtype == np.uint8 and images.shape[0] == 1
 
 
 def test_lag_leaves_a_prompt_without_the_token_to_the_base_model():

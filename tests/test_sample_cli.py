@@ -25,7 +25,7 @@ from nanocustom.vae import VAEConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 300  # seconds per process; a good run takes ~10 s on a busy 2-core machine
-VAE_FACTOR = 4  # ch_mult (1, 2, 2): two halvings
+SIZE_MULTIPLE = 8  # the VAE halves twice (ch_mult (1, 2, 2)), the UNet once more (channel_mult (1, 2))
 TINY = dict(unet=UNetConfig(model_channels=32, channel_mult=(1, 2), attention_resolutions=(1, 2), num_heads=2,
                             num_res_blocks=1, context_dim=32),
             vae=VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1),
@@ -106,7 +106,16 @@ BAD_INPUTS = {
     "guidance_negative": (["--guidance", "-1"], "--guidance -1"),
     "eta_negative": (["--eta", "-1"], "--eta -1"),
     "n_0": (["--n", "0"], "--n 0"),
-    "height_not_a_multiple_of_the_vae_factor": (["--height", "30"], f"multiple of {VAE_FACTOR}"),
+    "height_not_a_multiple_of_the_vae_factor": (["--height", "30"], f"multiple of {SIZE_MULTIPLE}"),
+    "height_the_unet_cannot_halve": (["--height", "36"], f"multiple of {SIZE_MULTIPLE}; use e.g. 40"),
+    "eta_above_1": (["--eta", "5"], "--eta 5.0 is out of range"),
+    "guidance_inf": (["--guidance", "inf"], "--guidance inf is out of range"),
+    "device_unknown": (["--device", "foo"], "--device 'foo' is not a device torch knows"),
+    "device_cuda_99": (["--device", "cuda:99"], "--device cuda:99: "),
+    "save_delta_then_an_unknown_token": (["--delta", "{tmp}/custom.safetensors", "--save-delta", "{tmp}/nope.safetensors",
+                                          "--prompt", "photo of a <new9> square"], "no loaded delta provides"),
+    "save_delta_then_a_bad_size": (["--delta", "{tmp}/custom.safetensors", "--save-delta", "{tmp}/nope.safetensors",
+                                    "--height", "36"], "--height 36"),
     "ckpt_missing": (["--ckpt", "{tmp}/nope.safetensors"], "checkpoint not found"),
     "ckpt_truncated": (["--ckpt", "{tmp}/cut.safetensors"], "truncated"),
     "ckpt_sdxl": (["--ckpt", "{tmp}/sdxl.safetensors"], "SDXL"),

@@ -58,6 +58,8 @@ def refused(call, message):
     (["--batch-size", "0"], "--batch-size 0 is out of range"),
     (["--save-every", "0"], "--save-every 0 is out of range"),
     (["--prior-weight=-1"], "--prior-weight and --gen-reg must be 0 or more"),
+    (["--prior-weight", "nan"], "--prior-weight and --gen-reg must be 0 or more"),
+    (["--device", "foo"], "--device 'foo' is not a device torch knows"),
 ])
 def test_out_of_range_training_flags_are_refused_in_one_line(tiny, concept, tmp_path, extra, message):
     out = tmp_path / "out" / "d.safetensors"
@@ -122,7 +124,10 @@ def test_the_shapes_model_trains_on_its_images_as_they_are_at_its_own_rates(tmp_
     sd_v1 = checked("--ckpt", "weights/v1-5-pruned-emaonly.safetensors")
     assert (sd_v1.lr, sd_v1.batch_size, sd_v1.steps) == train.DEFAULTS["custom"]
     assert not sd_v1.no_augment and not sd_v1.cache and sd_v1.flip_p == 0.5
-    assert checked("--cutmix").cache is False  # cut-mix composites are drawn anew: nothing to cache
+    two = ["--concept", "c2", "--prompt", "photo of a <new2> circle"]
+    assert checked(*two, "--cutmix").cache is False  # cut-mix composites are drawn anew: nothing to cache
+    with pytest.raises(NanocustomError, match="--cutmix composes two concepts"):
+        checked("--cutmix")
     with pytest.raises(NanocustomError, match="--augment contradicts"):
         checked("--augment", "--cache")
 
