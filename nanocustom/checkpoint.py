@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from nanocustom.clip import CLIPTextConfig, CLIPTextModel, Tokenizer
 from nanocustom.diffusion import Diffusion
@@ -31,10 +31,13 @@ PREFIXES = {
     "vae": "first_stage_model.",
     "text_encoder": "cond_stage_model.transformer.text_model.",
 }
+# Some SD v1 files (written with older transformers) keep CLIP's modules one level up, without "text_model."
+OLD_TEXT_PREFIX = re.compile(r"^cond_stage_model\.transformer\.(?=(embeddings|encoder|final_layer_norm)\.)")
 # Keys an SD v1 file holds that are not weights of the three models: the DDPM schedule the training code
-# stored as buffers, the EMA copy in non-EMA-only files, and CLIP's constant position_ids buffer.
+# stored as buffers, the EMA copy in non-EMA-only files (the non-EMA weights load, as CompVis' use_ema: False
+# and diffusers do), and CLIP's constant position_ids buffer.
 IGNORED = re.compile(r"^(betas|alphas_cumprod(_prev)?|sqrt_.*|log_one_minus_alphas_cumprod|posterior_.*|logvar"
-                     r"|lvlb_weights|model_ema\..*|.*position_ids)$")
+                     r"|lvlb_weights|model_ema\..*|.*position_ids|loss\..*)$")  # loss.*: a VAE's training loss
 SD_V1_LATENT_SCALE = 0.18215  # Rombach et al. §4.3.2: scales SD v1's latents to about unit variance
 SD_V1_RESOLUTION = 512
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -86,15 +89,15 @@ def new_model(unet=None, vae=None, text_encoder=None, **settings):
 
 
 def read_state_dict(path):
-    """Read a .safetensors or .ckpt file -> (state_dict, metadata). Never unpickles arbitrary objects."""
+    """Read a .safetensors or .ckpt file -> (state_dict without the IGNORED keys, metadata). Never unpickles
+    arbitrary objects."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}; pass the path of an SD v1 .safetensors/.ckpt file")
     try:
-        if path.suffix == ".safetensors":
+        if path.suffix == ".safetensors":  # only the kept tensors are read: not the 3.4 GB of a full file's EMA copy
             with safe_open(str(path), "pt") as f:
-                metadata = f.metadata() or {}
-            return load_file(str(path)), metadata
+                return {k: f.get_tensor(k) for k in f.keys() if not IGNORED.match(k)}, f.metadata() or {}
         # mmap needs torch.save's zip format; a bare pickle (older torch, or hand-made) is read whole, still safely
         with warnings.catch_warnings():  # torch warns of pickle protocols it did not write, before refusing
             warnings.simplefilter("ignore")
@@ -111,7 +114,7 @@ def read_state_dict(path):
         checkpoint = checkpoint["state_dict"]
     if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         raise CheckpointError(f"{path.name} is not a state dict of tensors; pass an SD v1 checkpoint")
-    return checkpoint, {}
+    return {k: v for k, v in checkpoint.items() if not IGNORED.match(k)}, {}
 
 
 def check_family(state_dict, name):
@@ -131,6 +134,7 @@ def split_state_dict(state_dict):
     """One flat original-layout state dict -> {"unet": ..., "vae": ..., "text_encoder": ...} and leftovers."""
     parts, unexpected = {part: {} for part in PREFIXES}, []
     for key, value in state_dict.items():
+        key = OLD_TEXT_PREFIX.sub(PREFIXES["text_encoder"], key)
         part = next((p for p, prefix in PREFIXES.items() if key.startswith(prefix)), None)
         if part is not None and not IGNORED.match(key[len(PREFIXES[part]):]):
             parts[part][key[len(PREFIXES[part]):]] = value
@@ -154,7 +158,8 @@ def load_strict(module, state_dict, name):
 
 
 def fingerprint(state_dict):
-    """A short id of the weights: a hash of every key, shape and tensor's leading values.
+    """A short id of the weights: a hash of every key, shape and tensor's leading values (of the keys load()
+    keeps, so a file repacked without its EMA copy or schedule buffers keeps its id).
 
     Values are rounded to fp16 first, so the fp32 and fp16 files of one model share a fingerprint."""
     h = hashlib.sha256()
@@ -190,10 +195,15 @@ def load(path_or_repo=None, device="cpu", dtype=torch.float32):
     state_dict, metadata = read_state_dict(path)
     check_family(state_dict, path.name)
     info = json.loads(metadata.get("nanocustom", "{}"))
+    conv_in = state_dict.get(PREFIXES["unet"] + "input_blocks.0.0.weight")
+    if not info and conv_in is not None and conv_in.shape[1] != 4:  # SD v1's UNet reads the 4 latent channels alone
+        raise CheckpointError(f"{path.name}'s UNet reads {conv_in.shape[1]} channels: an inpainting (9) or "
+                              "instruct-pix2pix (8) checkpoint; nanocustom implements text-to-image SD v1 only")
     parts, unexpected = split_state_dict(state_dict)
     if unexpected:
         raise CheckpointError(f"{path.name} holds {len(unexpected)} keys outside the three SD v1 models "
                               f"(e.g. {unexpected[0]}); is it an SD v1 checkpoint?")
+    kept = {PREFIXES[name] + key: value for name, part in parts.items() for key, value in part.items()}
     tokenizer = Tokenizer()
     tokenizer.add_tokens(info.get("added_tokens", []))
     def config(cls, name):  # JSON turned the configs' tuples into lists
@@ -210,7 +220,7 @@ def load(path_or_repo=None, device="cpu", dtype=torch.float32):
                            latent_scale=info.get("latent_scale", SD_V1_LATENT_SCALE),
                            resolution=info.get("resolution", SD_V1_RESOLUTION),
                            prediction_type=info.get("prediction_type", "eps"), schedule=info.get("schedule", {}),
-                           name=path.name, fingerprint=info.get("fingerprint") or fingerprint(state_dict),
+                           name=path.name, fingerprint=info.get("fingerprint") or fingerprint(kept),
                            metadata=info)
 
 
@@ -250,6 +260,9 @@ def save_atomic(tensors, path, metadata=None):
 
 def save(sd, path, dtype=None, **extra):
     """Write a model in the original single-file layout, its configs as metadata (so `load` rebuilds it)."""
+    if getattr(sd, "delta", None) is not None:
+        raise CheckpointError("a delta is attached to this model, and its wrapped layers are not the checkpoint's; "
+                              "fold() or detach() it first, or write it with interop.save_folded")
     tensors = to_original_layout(sd)
     if dtype is not None:
         tensors = {k: v.to(dtype) for k, v in tensors.items()}

@@ -204,7 +204,7 @@ def slerp(alpha, z_T, noise):
     phi = arccos(cos(z_T, eps)). Where phi is 0 (parallel inputs) it is the linear interpolation, its limit."""
     if not 0.0 <= alpha <= 1.0:
         raise NanocustomError(f"slerp alpha {alpha} is out of range; use a value in [0, 1] (0: z_T itself)")
-    a, b = z_T.flatten(1).double(), noise.flatten(1).double()
+    a, b = z_T.flatten(1).double(), noise.flatten(1).to(z_T.device, torch.float64)
     cos = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-30)
     phi = torch.arccos(cos.clamp(-1.0, 1.0))[:, None]
     small = phi < 1e-6

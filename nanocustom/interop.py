@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from nanocustom import checkpoint
@@ -193,10 +194,13 @@ def import_diffusers_custom_diffusion(sd, weights_path, token_files=()):
 def export_residual_lora(delta_or_path, path, num_res_blocks=None):
     """Write each proj_out's residual Delta W = A B (Ham et al. §3.2) as a LoRA in diffusers/peft's key format,
     which pipeline.load_lora_weights reads: "unet.<module>.lora_A.weight" = B (down, [r, m, 1, 1]) and
-    "lora_B.weight" = A (up, [m, r, 1, 1]), the shapes of peft's LoRA for a 1x1 Conv2d. No alphas are written:
-    diffusers then sets alpha = rank for every module, scale 1, so W' = W + A B exactly. Modifier tokens, if any,
-    go beside it as textual-inversion files. Returns the paths written, the LoRA first."""
+    "lora_B.weight" = A (up, [m, r, 1, 1]), the shapes of peft's LoRA for a 1x1 Conv2d. Every module is written at
+    the largest rank, its A and B padded with zeros (A B unchanged), and no alphas: diffusers then gives every module
+    alpha = rank, scale 1, so W' = W + A B exactly. (With ranks 0.05 m_i, 16 to 64 at SD v1 size, older diffusers
+    took one module's rank as everyone's alpha: scales 1, 0.5 and 0.25.) Modifier tokens, if any, go beside it as
+    textual-inversion files. Returns the paths written, the LoRA first."""
     tensors, tokens, num_res_blocks = _delta_tensors(delta_or_path, "residual", num_res_blocks)
+    rank = max(v.shape[1] for k, v in tensors.items() if k.endswith(".A"))
     lora = {}
     for key, value in tensors.items():
         if key == "modifier_tokens":
@@ -204,8 +208,9 @@ def export_residual_lora(delta_or_path, path, num_res_blocks=None):
         module, name = key.removeprefix("unet.").rsplit(".", 1)  # "...proj_out", "A"
         if name in ("A", "B"):
             down_or_up = {"B": "lora_A", "A": "lora_B"}[name]
+            padded = F.pad(value, (0, rank - value.shape[1]) if name == "A" else (0, 0, 0, rank - value.shape[0]))
             lora[f"unet.{diffusers_module_name(module, num_res_blocks)}.{down_or_up}.weight"] = \
-                value[:, :, None, None].contiguous().cpu()
+                padded[:, :, None, None].contiguous().cpu()
     path = Path(path)
     save_atomic(lora, path, metadata={"format": "pt"})
     return [path] + _write_token_files(path.parent, tokens, tensors.get("modifier_tokens", []))

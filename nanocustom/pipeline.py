@@ -68,11 +68,15 @@ def generate(sd, prompts, negative_prompt="", steps=50, sampler="ddim", eta=0.0,
     the base model's pull to the class rather than the residual (README, "The papers' claims, end to end"). With
     `lag`, the unconditional half is the base model's and the conditional half blends by LAG's mask."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if sd.prediction_type == "eps" and sd.diffusion.alphas_cumprod[-1] == 0:
+        raise NanocustomError("a zero-terminal-SNR schedule needs v-prediction (Lin et al. §3.2: eps says nothing "
+                              "about x0 at abar_T = 0); the checkpoint's prediction_type says eps, fix its metadata")
     height, width = sd.resolution if height is None else height, sd.resolution if width is None else width
     check_size(sd, height, width)
     generator = torch.Generator().manual_seed(seed)  # x_T, then the fresh noise of DDPM / DDIM with eta > 0,
     if latents is None:                               # drawn in diffusers' order so its pipeline gives our images
         latents = initial_noise(sd, len(prompts), height, width, generator)
+    latents = latents.to(sd.device, sd.dtype)  # given ones too: CoSINE's inverted z_T may come from another device
     context = encode_prompts(sd, prompts)
     use_guidance = guidance > 1.0  # as diffusers: w <= 1 skips the unconditional pass
     if use_guidance:

@@ -63,9 +63,37 @@ def test_ignore_list_skips_schedule_buffers_ema_and_position_ids(tiny, tmp_path)
     tensors, metadata = read_state_dict(path)
     tensors.update({"betas": torch.zeros(1000), "alphas_cumprod": torch.zeros(1000),
                     "model_ema.decay": torch.tensor(0.999), "model_ema.diffusion_modelinput_blocks00weight": torch.zeros(1),
-                    PREFIXES["text_encoder"] + "embeddings.position_ids": torch.arange(77)[None]})
+                    PREFIXES["text_encoder"] + "embeddings.position_ids": torch.arange(77)[None],
+                    PREFIXES["vae"] + "loss.logvar": torch.zeros(())})  # a VAE's training loss, in VAE-swapped files
     save_file(tensors, tmp_path / "with_extras.safetensors", metadata=metadata)
-    load(tmp_path / "with_extras.safetensors")
+    loaded = load(tmp_path / "with_extras.safetensors")
+    assert loaded.fingerprint == load(path).fingerprint  # the same weights, the same id: deltas still apply
+    for a, b in zip(outputs(sd), outputs(loaded)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_the_older_clip_layout_without_text_model_loads_as_the_same_model(tiny, tmp_path):
+    """Some SD v1 files keep CLIP's embeddings, encoder and final norm under cond_stage_model.transformer.* (older
+    transformers); diffusers and the web UIs read them as the same weights."""
+    sd, path = tiny
+    tensors, metadata = read_state_dict(path)
+    old = {k.replace("transformer.text_model.", "transformer."): v for k, v in tensors.items()}
+    assert old.keys() != tensors.keys()
+    save_file(old, tmp_path / "old_layout.safetensors", metadata=metadata)
+    for a, b in zip(outputs(sd), outputs(load(tmp_path / "old_layout.safetensors"))):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_save_refuses_a_model_with_a_delta_attached(tiny, tmp_path):
+    from nanocustom.personalize import attach
+    sd = load(tiny[1])
+    delta = attach(sd, "custom", tokens=["<new1>"])
+    with pytest.raises(CheckpointError, match="fold\\(\\) or detach\\(\\) it first"):
+        save(sd, tmp_path / "attached.safetensors")
+    assert not (tmp_path / "attached.safetensors").exists()
+    delta.fold()
+    save(sd, tmp_path / "folded.safetensors")
+    assert load(tmp_path / "folded.safetensors").tokenizer.added_tokens == ["<new1>"]
 
 
 @pytest.mark.parametrize("change, message", [
@@ -87,7 +115,9 @@ def test_other_model_families_are_named(tmp_path):
             "model.diffusion_model.out.2.weight": torch.zeros(1)}
     sd2 = {"cond_stage_model.model.ln_final.weight": torch.zeros(1),
            "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(320, 1024)}
-    for name, tensors, family in (("sdxl", sdxl, "SDXL"), ("sd2", sd2, "SD 2.x")):
+    inpainting = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 9, 3, 3)}
+    for name, tensors, family in (("sdxl", sdxl, "SDXL"), ("sd2", sd2, "SD 2.x"), ("inpainting", inpainting,
+                                                                                   "an inpainting \\(9\\)")):
         save_file(tensors, tmp_path / f"{name}.safetensors")
         with pytest.raises(CheckpointError, match=family):
             load(tmp_path / f"{name}.safetensors")

@@ -226,6 +226,11 @@ def test_residual_lora_loaded_by_diffusers_gives_our_outputs(tmp_path):
     lora_path, token_file = export_residual_lora(delta, tmp_path / "lora.safetensors")
     assert token_file.name == "<new1>.safetensors"
 
+    # one rank for every module (the smaller ones zero-padded), so no diffusers version can scale them differently
+    ranks = {layer.A.shape[1] for layer in delta.layers.values()}
+    written = load_file(lora_path)
+    assert len(ranks) > 1 and {v.shape[1 if ".lora_B." in k else 0] for k, v in written.items()} == {max(ranks)}
+
     # pipeline.load_lora_weights(path) without a pipeline: its two steps, diffusers' parser, then peft
     state_dict, network_alphas = StableDiffusionPipeline.lora_state_dict(str(lora_path))
     assert network_alphas is None and all(k.startswith("unet.") and "lora" in k for k in state_dict)

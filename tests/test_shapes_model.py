@@ -5,9 +5,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from nanocustom.checkpoint import DEFAULT_CHECKPOINT, load
+from nanocustom.errors import NanocustomError
 from nanocustom.pipeline import generate
 from nanocustom.pretrain import TEXT_CONFIG, UNET_CONFIG, VAE_CONFIG
 
@@ -35,6 +37,23 @@ def test_shapes_model_samples_distinct_images_for_distinct_prompts(shapes):
                       steps=10, seed=0, progress=False)
     assert images.shape == (2, 64, 64, 3) and images.dtype == np.uint8
     assert np.abs(images[0].astype(int) - images[1].astype(int)).mean() > 10
+
+
+def test_given_latents_are_moved_to_the_models_dtype():
+    """CoSINE hands generate() its own z_T in float32; a bf16 model samples from it as from its own noise."""
+    sd = load(dtype=torch.bfloat16)
+    x_T = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))  # initial_noise's draw for seed 0
+    given = generate(sd, ["a red circle"], steps=3, seed=0, latents=x_T, progress=False)
+    assert np.array_equal(given, generate(sd, ["a red circle"], steps=3, seed=0, progress=False))
+
+
+def test_a_zero_snr_schedule_with_eps_prediction_is_refused(shapes):
+    shapes.prediction_type = "eps"  # at abar_T = 0, eps says nothing about x0: every sample would be inf
+    try:
+        with pytest.raises(NanocustomError, match="needs v-prediction"):
+            generate(shapes, ["a red circle"], steps=3, progress=False)
+    finally:
+        shapes.prediction_type = "v"
 
 
 def test_sample_py_uses_the_shapes_model_by_default(tmp_path):
