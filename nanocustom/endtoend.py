@@ -32,7 +32,8 @@ from nanocustom.pipeline import generate
 
 STEPS, GUIDANCE = 25, 6.0
 A, B = "striped_square", "split_circle"  # the two concepts of the composition experiment
-LAG_BACKGROUNDS = ("blue", "green", "white", "gray", "purple", "orange")  # not yellow, the one-background set's
+# not yellow, the one-background set's, nor the concept's own red or white: a background avoids its object's colours
+LAG_BACKGROUNDS = ("blue", "green", "black", "gray", "purple", "orange")
 
 
 def train(out, method, concepts, *flags, folders=None, seed=0):

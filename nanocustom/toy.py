@@ -141,8 +141,8 @@ DEFAULT_TOKENS = {name: f"<new{i + 1}>" for i, name in enumerate(CONCEPTS)}  # c
 
 
 def concept_of_look(shape, pattern, colours):
-    """The held-out concept that an object of this shape, pattern and pair of colours (either order) would be,
-    or None. Pretraining draws every look but these four."""
+    """The held-out concept that an object of this shape, pattern and pair of colours (either order, as the
+    evaluator reads them: scene_labels) would be, or None. Pretraining draws every look but these four."""
     for c in CONCEPTS.values():
         if (c.shape, c.pattern, set(c.colours)) == (shape, pattern, set(colours)):
             return c.name
@@ -421,7 +421,9 @@ def scene_labels(scene):
     (0 = none, else 1 + index); -1 where a head has nothing to say (an empty slot, or the colours of a concept
     object). Plus the background index. An object that looks like a concept is labelled that concept. A pattern's
     colours are labelled in the order of COLOURS, not the caption's: red and white stripes are white and red
-    stripes moved by one band, which no classifier can tell apart (satisfies compares them as a pair)."""
+    stripes moved by one band, which no classifier can tell apart (satisfies compares them as a pair). For split
+    and dotted the order is visible (which half is left, which colour the dots are) and is not scored: a
+    mirrored split circle, or black with white dots, passes for the other order (and for the concept)."""
     labels = {"shape": np.zeros(3, np.int64), "colour": np.full(3, -1), "size": np.full(3, -1),
               "pattern": np.full(3, -1), "colour2": np.full(3, -1), "concept": np.full(3, -1),
               "background": np.int64(list(BACKGROUNDS).index(scene.background))}
@@ -682,21 +684,53 @@ def concept_presence(images, concept, evaluator=None):
     return float(np.mean([any(o.concept == concept for o in seen.objects) for seen in describe(images, evaluator)]))
 
 
+OBJECT_EXTENT = 38  # px: the tallest an object's mask gets (true renders <= 34, model samples <= 35, measured)
+
+
 def object_mask(x, threshold=0.25):
     """[N, H, W, 3] in [0, 1] -> bool [N, H, W]: pixels whose colour differs from the median of the image's
-    2-pixel border by more than threshold in some channel, grown by one pixel to take in antialiased edges."""
+    2-pixel border by more than threshold in some channel, grown by one pixel to take in antialiased edges, in
+    the connected regions objects can fill: at most OBJECT_EXTENT high and twice that wide (a pair side by side).
+    A larger region (a repainted patch of background, a halo around an object) is background that changed, and
+    stays out of the mask so that background_preservation sees it."""
     border = np.concatenate([x[:, :2].reshape(len(x), -1, 3), x[:, -2:].reshape(len(x), -1, 3),
                              x[:, :, :2].reshape(len(x), -1, 3), x[:, :, -2:].reshape(len(x), -1, 3)], 1)
     median = np.median(border, 1)[:, None, None, :]
     mask = np.pad(np.abs(x - median).max(-1) > threshold, ((0, 0), (1, 1), (1, 1)))
     H, W = x.shape[1:3]
-    return np.any([mask[:, 1 + dy:1 + dy + H, 1 + dx:1 + dx + W] for dy in (-1, 0, 1) for dx in (-1, 0, 1)], 0)
+    mask = np.any([mask[:, 1 + dy:1 + dy + H, 1 + dx:1 + dx + W] for dy in (-1, 0, 1) for dx in (-1, 0, 1)], 0)
+    for image in mask:
+        for ys, xs in regions(image):
+            if np.ptp(ys) >= OBJECT_EXTENT or np.ptp(xs) >= 2 * OBJECT_EXTENT:
+                image[ys, xs] = False
+    return mask
+
+
+def regions(mask):
+    """bool [H, W] -> (ys, xs) index arrays of each 8-connected region of True pixels (a flood fill)."""
+    H, W = mask.shape
+    seen, found = np.zeros_like(mask), []
+    for start in zip(*np.nonzero(mask)):
+        if seen[start]:
+            continue
+        seen[start], stack, pixels = True, [start], []
+        while stack:
+            y, x = stack.pop()
+            pixels.append((y, x))
+            for v in range(max(y - 1, 0), min(y + 2, H)):
+                for u in range(max(x - 1, 0), min(x + 2, W)):
+                    if mask[v, u] and not seen[v, u]:
+                        seen[v, u] = True
+                        stack.append((v, u))
+        found.append(tuple(np.array(c) for c in zip(*pixels)))
+    return found
 
 
 def background_preservation(images, reference_images, threshold=0.25, tol=0.1):
     """Mean over image pairs of: among the pixels outside both images' object masks (object_mask), the
     fraction whose colours (in [0, 1]) agree within tol in every channel. 1.0: the background is kept
-    exactly; a pair with no pixel outside the masks scores 0."""
+    exactly; a pair with no pixel outside the masks scores 0. A change that an object could be (a patch no
+    larger than one, within OBJECT_EXTENT) is taken for an object and not seen."""
     a, b = to_unit(images), to_unit(reference_images)
     if a.shape != b.shape:
         raise NanocustomError(f"{a.shape[0]} images of {a.shape[1:]} against {b.shape[0]} references of "

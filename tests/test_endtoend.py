@@ -26,7 +26,7 @@ def test_every_experiment_runs_end_to_end_and_scores_fractions(tmp_path):
     assert "presence" not in results["personalize"]["base model"]  # the base model has no <new1> to ask for
     assert list(results["compose"]) == ["lagrangian merge", "add merge", "joint training"]
     assert list(results["lag"]) == ["varied backgrounds", "one background (yellow)"]
-    assert all(list(r) == ["blue", "green", "white"] for r in results["lag"].values())
+    assert all(list(r) == ["blue", "green", "black"] for r in results["lag"].values())
     assert all(set(c) == {"plain", "LAG"} for r in results["lag"].values() for c in r.values())
     values = list(fractions(results))
     assert len(values) == 2 + 7 * 3 + 3 * 3 + 2 * 3 * 2

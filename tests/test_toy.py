@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from nanocustom.errors import NanocustomError
-from nanocustom.toy import (CONCEPTS, CONCEPTS_DIR, HELDOUT_SEED, PATTERNS, Obj, Scene, background_preservation,
+from nanocustom.toy import (BACKGROUNDS, CONCEPTS, CONCEPTS_DIR, HELDOUT_SEED, PATTERNS, Obj, Scene, background_preservation,
                             caption, complete_scene, concept_of_look, concept_presence, concept_scene, describe,
                             export_concepts, heldout_accuracy, load_evaluator, look, parse_caption, prompt_adherence,
                             random_scene, render, render_concept, render_prompt, sample_batch)
@@ -199,3 +199,17 @@ def test_background_preservation_is_one_for_the_same_image_and_low_for_another_b
         assert background_preservation(image, render(changed)[None]) <= 0.05
     with pytest.raises(NanocustomError):
         background_preservation(image, np.concatenate([image, image]))
+
+
+def test_background_repainted_away_from_the_border_is_seen():
+    """object_mask takes what differs from an image's border for objects; a repainted patch larger than any object
+    is not one, so a background changed everywhere but a frame at the edges still scores low."""
+    rng = np.random.default_rng(10)
+    image = render(complete_scene(parse_caption("a red circle on a blue background"), rng))[None]
+    for frame in (4, 8):
+        inner = image[0, frame:-frame, frame:-frame]
+        blue = (inner == BACKGROUNDS["blue"]).all(-1, keepdims=True)
+        repainted = image.copy()
+        repainted[0, frame:-frame, frame:-frame] = np.where(blue, BACKGROUNDS["yellow"], inner)
+        frame_share = 1 - (64 - 2 * frame) ** 2 / 64 ** 2  # the blue left: 23% and 44% of the image
+        assert background_preservation(repainted, image) < frame_share + 0.05  # (the object's pixels are left out)
