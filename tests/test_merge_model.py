@@ -29,8 +29,10 @@ def tiny():
 
 
 def fine_tuned(sd, token, seed):
-    """A Custom Diffusion delta whose K/V and token row moved away from the base, as training would."""
-    delta = attach(sd, "custom", tokens=[token], init_from=[42170 + seed])
+    """A Custom Diffusion delta whose K/V and token row moved away from the base, as training would; several
+    tokens (a list): one delta trained jointly on several concepts (Kumari et al. §3.2)."""
+    tokens = [token] if isinstance(token, str) else token
+    delta = attach(sd, "custom", tokens=tokens, init_from=[42170 + seed + i for i in range(len(tokens))])
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in (p for group in delta.trainable() for p in group["params"]):
@@ -70,21 +72,9 @@ def test_merged_kv_reproduce_each_concepts_targets_and_keep_the_base_elsewhere()
         torch.testing.assert_close(W[key].double(), expected, rtol=1e-4, atol=1e-5)
 
 
-def jointly_trained(sd, tokens, seed):
-    """One delta holding several tokens, as train.py writes after joint training (Kumari et al. §3.2)."""
-    delta = attach(sd, "custom", tokens=tokens, init_from=[42170 + seed + i for i in range(len(tokens))])
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in (p for group in delta.trainable() for p in group["params"]):
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
-    tensors, info = delta.state_dict(), delta.metadata()
-    delta.detach()
-    return tensors, info
-
-
 def test_every_token_of_a_jointly_trained_delta_keeps_its_targets():
     sd = tiny()
-    deltas = [jointly_trained(sd, ["<new1>", "<new2>"], 1), fine_tuned(sd, "<new3>", 3)]
+    deltas = [fine_tuned(sd, ["<new1>", "<new2>"], 1), fine_tuned(sd, "<new3>", 3)]
     merged = merge_custom_deltas(sd, deltas, [["square", "circle"], "star"], reg_captions=REG, log=lambda _: None)
     W = merged.state_dict()
     for tensors, token, word in [(deltas[0][0], "<new1>", "square"), (deltas[0][0], "<new2>", "circle"),
