@@ -5,8 +5,9 @@
     python bench.py --device cpu --suite gpu --tiny          # the GPU suite's code path on a tiny model
 
 Our models and diffusers' get the same random weights: ours written in the original single-file layout and
-converted by diffusers' own single-file functions (the CLIP text model through transformers). Comparisons
-alternate one run of each, `--repeats` times, and report min and median. Sections of the GPU suite:
+converted by diffusers' own single-file functions (the CLIP text model through transformers). Ours against
+diffusers' alternate one run of each, `--repeats` times, and report min and median; the optimisation rows, the
+training reference and the merge's two forms are timed one after the other. Sections of the GPU suite:
 
   sampling       50-step DDIM with classifier-free guidance (7.5), one image: text encoding, 50 UNet calls on a
                  batch of 2, VAE decode; and one UNet call alone. Ours: pipeline.generate. Reference:
@@ -439,7 +440,7 @@ def training_rows(results):
     rows = []
     for method in BATCH_SIZES:
         base = steps.get(f"{method} step, nanocustom, uncached")
-        for config, variant in (("baseline: uncached", "uncached"), ("cached latents and text features", "cached"),
+        for config, variant in (("baseline: uncached", "uncached"), ("cached (latents; text too where no token row trains)", "cached"),
                                 ("cached + gradient checkpointing", "cached + grad checkpointing")):
             r = steps.get(f"{method} step, nanocustom, {variant}")
             if r:
@@ -628,9 +629,11 @@ def main():
     p.add_argument("--compile-mode", default="default", help="torch.compile mode, or 'off' to skip that row")
     p.add_argument("--skip-merge", action="store_true", help="gpu suite: leave out the (CPU) merge")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
-    p.add_argument("--json", default="bench.json")
-    p.add_argument("--markdown", default="BENCHMARKS.md")
+    p.add_argument("--json", default=None, help="default: bench.json (gpu suite), bench-cpu.json (cpu)")
+    p.add_argument("--markdown", default=None, help="default: BENCHMARKS.md (gpu suite), BENCHMARKS-cpu.md (cpu)")
     args = p.parse_args()
+    suffix = "-cpu" if args.suite == "cpu" else ""  # the two suites' reports side by side, neither overwritten
+    args.json, args.markdown = args.json or f"bench{suffix}.json", args.markdown or f"BENCHMARKS{suffix}.md"
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]

@@ -10,7 +10,7 @@
     python -m nanocustom.endtoend all --quick   # fewer steps and images: the CI version
 
 Training runs `train.py` as a user would (a subprocess, its defaults unless said here, training seed 0 unless
---train-seed); sampling is 25 DDIM steps (--steps; Ham et al. §4.1 evaluate with 50) at guidance 6 (both papers'
+--train-seed); sampling is 25 DDIM steps (--steps; Ham et al. §4.3 evaluate with 50) at guidance 6 (both papers'
 scale) from fixed seeds. Results are printed and written as JSON (--json), with the protocol that made them.
 """
 import argparse
@@ -171,7 +171,7 @@ def main(argv=None):
     p.add_argument("experiment", choices=[*EXPERIMENTS, "all"])
     p.add_argument("--quick", action="store_true", help="20 training steps and 4 images a prompt: a smoke run")
     p.add_argument("--n", type=int, default=None, help="images per prompt (default 16, 4 with --quick)")
-    p.add_argument("--steps", type=int, default=STEPS, help="DDIM steps a sample (Ham et al. §4.1: 50)")
+    p.add_argument("--steps", type=int, default=STEPS, help="DDIM steps a sample (Ham et al. §4.3: 50)")
     p.add_argument("--train-seed", type=int, default=0, help="train.py --seed: the deltas' initialisation and batches")
     p.add_argument("--json", default=None, help="also write the results here, with the protocol")
     p.add_argument("--threads", type=int, default=None)

@@ -30,6 +30,7 @@ The latent scale is set, as SD's 0.18215 was, to make the latents about unit var
 """
 import argparse
 import copy
+import os
 import time
 from pathlib import Path
 
@@ -41,6 +42,7 @@ from nanocustom import toy
 from nanocustom.checkpoint import DEFAULT_CHECKPOINT, StableDiffusion, load, new_model, save
 from nanocustom.clip import CLIPTextConfig, CLIPTextModel
 from nanocustom.diffusion import Diffusion
+from nanocustom.errors import NanocustomError, check_device, run_script
 from nanocustom.unet import UNetConfig
 from nanocustom.vae import VAEConfig
 
@@ -505,7 +507,7 @@ def pretrain(out=DEFAULT_CHECKPOINT, vae_steps=VAE_STEPS, unet_steps=UNET_STEPS,
                   text_steps=text_steps, text_batch=text_batch, text_lr=text_lr,
                   unet_steps=unet_steps, batch=batch, lr=lr, scenes=scenes, finish_steps=finish_steps,
                   finish_lr=finish_lr, finish_scenes=finish_scenes, pairs=pairs, patterns=patterns,
-                  seed=seed, device=str(device),
+                  seed=seed, device=str(device), torch=torch.__version__, threads=torch.get_num_threads(),
                   vae_from=vae_from and Path(vae_from).name, init_from=init_from and Path(init_from).name,
                   init_recipe=trained.metadata.get("recipe") if init_from else None)  # the provenance, step by step
     save(sd.to("cpu"), out, dtype=torch.float16, recipe=recipe)
@@ -630,6 +632,31 @@ def diagnose(sd, n_single=12, n_double=8, n_patterned=8, per_prompt=8, steps=25,
     return report
 
 
+def check_args(args):
+    """Bad input refused in one line before an hour of training, not at the end."""
+    for name, value in (("pairs", args.pairs), ("patterns", args.patterns)):
+        if not 0 <= value <= 1:
+            raise NanocustomError(f"--{name} {value} is a fraction; give a number in [0, 1]")
+    for name in ("vae_steps", "decoder_steps", "text_steps", "unet_steps", "finish_steps"):
+        if getattr(args, name) < 0:
+            raise NanocustomError(f"--{name.replace('_', '-')} {getattr(args, name)}: give 0 (skip) or more")
+    for name in ("lr", "finish_lr", "text_lr", "decoder_lr", "batch"):
+        if not getattr(args, name) > 0:  # also nan
+            raise NanocustomError(f"--{name.replace('_', '-')} {getattr(args, name)}: give a positive value")
+    for name in ("scenes", "finish_scenes"):
+        if 0 < getattr(args, name) < args.batch or getattr(args, name) < 0:
+            raise NanocustomError(f"--{name.replace('_', '-')} {getattr(args, name)}: give 0 (render afresh) or at "
+                                  f"least --batch ({args.batch}) scenes")
+    if args.vae_from and args.init_from:
+        raise NanocustomError("--init-from already takes its checkpoint's VAE; drop --vae-from")
+    for name in ("vae_from", "init_from"):
+        if getattr(args, name) and not Path(getattr(args, name)).is_file():
+            raise NanocustomError(f"--{name.replace('_', '-')} {getattr(args, name)}: no such checkpoint")
+    out = Path(args.out)
+    if out.suffix != ".safetensors" or not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
+        raise NanocustomError(f"--out {out}: give a .safetensors path in a writable, existing directory")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="pretrain the shapes model (stages 1, 1b, 2, 3; see the module docstring)")
     p.add_argument("--out", default=str(DEFAULT_CHECKPOINT))
@@ -661,13 +688,14 @@ def main(argv=None):
     p.add_argument("--evaluate", action="store_true", help="score the model at --out instead of training it")
     p.add_argument("--diagnose", action="store_true", help="the quick protocol: which attributes --out gets wrong")
     args = p.parse_args(argv)
+    check_device(args.device)
+    if args.threads is not None and args.threads < 1:
+        raise NanocustomError(f"--threads {args.threads}: give 1 or more (the machine's cores)")
     if args.evaluate or args.diagnose:
         torch.set_num_threads(args.threads or torch.get_num_threads())
         sd = load(args.out, device=args.device)
         return diagnose(sd) if args.diagnose else evaluate(sd, seed=args.seed)
-    for name, value in (("pairs", args.pairs), ("patterns", args.patterns)):
-        if not 0 <= value <= 1:
-            p.error(f"--{name} {value} is a fraction; give a number in [0, 1]")
+    check_args(args)
     pretrain(args.out, args.vae_steps, args.unet_steps, args.finish_steps, batch=args.batch, lr=args.lr,
              finish_lr=args.finish_lr, text_steps=args.text_steps, text_lr=args.text_lr, seed=args.seed,
              threads=args.threads, samples=args.samples, device=args.device,
@@ -676,4 +704,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -1,9 +1,11 @@
 """Pieces of the pretraining recipe (nanocustom/pretrain.py) that a short run cannot show."""
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from nanocustom import pretrain
+from nanocustom.errors import NanocustomError
 from nanocustom.pretrain import LossBalance, Pace
 
 
@@ -150,14 +152,25 @@ def test_the_recipe_is_one_command_of_three_stages(tmp_path):
     assert recipe["patterns"] == 0.5
 
 
-def test_a_share_outside_0_to_1_is_refused_in_one_line(capsys):
-    import pytest
-    from nanocustom.pretrain import main
-    for flag in ("--pairs", "--patterns"):
-        with pytest.raises(SystemExit) as exit:
-            main([flag, "1.5", "--out", "unused.safetensors"])
-        assert exit.value.code != 0
-        assert f"{flag} 1.5 is a fraction; give a number in [0, 1]" in capsys.readouterr().err
+@pytest.mark.parametrize("extra, message", [
+    (["--pairs", "1.5"], "--pairs 1.5 is a fraction; give a number in [0, 1]"),
+    (["--patterns", "-0.1"], "--patterns -0.1 is a fraction; give a number in [0, 1]"),
+    (["--unet-steps", "-1"], "--unet-steps -1: give 0 (skip) or more"),
+    (["--scenes", "8"], "--scenes 8: give 0 (render afresh) or at least --batch (32) scenes"),
+    (["--lr", "nan"], "--lr nan: give a positive value"),
+    (["--vae-from", "a.safetensors", "--init-from", "b.safetensors"], "drop --vae-from"),
+    (["--init-from", "missing.safetensors"], "--init-from missing.safetensors: no such checkpoint"),
+    (["--out", "missing/m.safetensors"], "give a .safetensors path in a writable, existing directory"),
+    (["--out", "m.ckpt"], "give a .safetensors path in a writable, existing directory"),
+    (["--device", "foo"], "--device 'foo' is not a device torch knows"),
+    (["--threads", "0"], "--threads 0: give 1 or more"),
+])
+def test_bad_input_is_refused_in_one_line_before_any_training(tmp_path, monkeypatch, extra, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(NanocustomError) as refused:
+        pretrain.main(["--out", "m.safetensors", *extra])
+    assert message in str(refused.value) and "\n" not in str(refused.value)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_patterns_sets_the_share_of_patterned_objects():
