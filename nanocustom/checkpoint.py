@@ -97,6 +97,7 @@ def read_state_dict(path):
     try:
         if path.suffix == ".safetensors":  # only the kept tensors are read: not the 3.4 GB of a full file's EMA copy
             with safe_open(str(path), "pt") as f:
+                warn_of_ema(path, f.keys())
                 return {k: f.get_tensor(k) for k in f.keys() if not IGNORED.match(k)}, f.metadata() or {}
         # mmap needs torch.save's zip format; a bare pickle (older torch, or hand-made) is read whole, still safely
         with warnings.catch_warnings():  # torch warns of pickle protocols it did not write, before refusing
@@ -114,7 +115,14 @@ def read_state_dict(path):
         checkpoint = checkpoint["state_dict"]
     if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         raise CheckpointError(f"{path.name} is not a state dict of tensors; pass an SD v1 checkpoint")
+    warn_of_ema(path, checkpoint.keys())
     return {k: v for k, v in checkpoint.items() if not IGNORED.match(k)}, {}
+
+
+def warn_of_ema(path, keys):
+    if any(k.startswith("model_ema.") for k in keys):
+        warnings.warn(f"{path.name} holds an EMA copy of the UNet too; loading the other (non-EMA) weights, as "
+                      "CompVis' use_ema: False and diffusers do; for sampling, the EMA-only file is the usual choice")
 
 
 def check_family(state_dict, name):
@@ -194,7 +202,11 @@ def load(path_or_repo=None, device="cpu", dtype=torch.float32):
     path = resolve(path_or_repo)
     state_dict, metadata = read_state_dict(path)
     check_family(state_dict, path.name)
-    info = json.loads(metadata.get("nanocustom", "{}"))
+    try:
+        info = json.loads(metadata.get("nanocustom", "{}"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path.name}: its nanocustom metadata is not JSON ({e.msg}); write it again with "
+                              "checkpoint.save") from None
     conv_in = state_dict.get(PREFIXES["unet"] + "input_blocks.0.0.weight")
     if not info and conv_in is not None and conv_in.shape[1] != 4:  # SD v1's UNet reads the 4 latent channels alone
         raise CheckpointError(f"{path.name}'s UNet reads {conv_in.shape[1]} channels: an inpainting (9) or "
@@ -246,6 +258,8 @@ def atomic_write(path, write):
     os.umask(umask)
     try:
         write(tmp)
+        with open(tmp, "rb+") as f:  # on disk before the rename, so a power cut cannot leave a short file named path
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private (and a writer may recreate it); not the result
         os.replace(tmp, path)
     except BaseException:
