@@ -3,6 +3,7 @@
 Scripts print it to stderr and exit non-zero, without a traceback (run_script).
 """
 import sys
+import warnings
 
 
 class NanocustomError(ValueError):
@@ -10,7 +11,9 @@ class NanocustomError(ValueError):
 
 
 def run_script(main):
-    """A script's entry point: bad input is one `error:` line on stderr and exit code 2; Ctrl-C exits with 130."""
+    """A script's entry point: bad input is one `error:` line on stderr and exit code 2; a warning is one `warning:`
+    line (not Python's two, with the source line); Ctrl-C exits with 130."""
+    warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
     try:
         main()
     except NanocustomError as e:

@@ -75,6 +75,7 @@ def test_prompt_over_77_tokens_warns_of_the_cut_and_is_not_an_error(good_run):
     assert result.returncode == 0
     assert "21 were cut" in result.stderr  # 96 tokens, 75 kept
     assert "error" not in result.stderr.lower()
+    assert result.stderr.startswith("warning: ") and "UserWarning" not in result.stderr  # a script's one-line form
 
 
 DRIVER = """
