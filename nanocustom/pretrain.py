@@ -130,7 +130,7 @@ def train_vae(vae, steps, batch, lr, seed, log, mse_weight=1.0, crop=None, full_
         loss = F.l1_loss(decoded, x) + mse_weight * F.mse_loss(decoded, x) + 1e-6 * kl
         cosine_step(opt, loss, lr, step, steps)
         if step % 50 == 0 or step == steps - 1:
-            log(f"vae  step {step:5d}/{steps}  l1 {loss.item():.4f}{pace(step)}")
+            log(f"vae  step {step:5d}/{steps}  loss {loss.item():.4f}{pace(step)}")  # L1 + MSE + KL
     return vae.eval().requires_grad_(False)
 
 
