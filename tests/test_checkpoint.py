@@ -85,6 +85,14 @@ def test_the_older_clip_layout_without_text_model_loads_as_the_same_model(tiny, 
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
+def test_metadata_that_is_not_json_is_one_line(tiny, tmp_path):
+    tensors, _ = read_state_dict(tiny[1])
+    save_file(tensors, tmp_path / "bad_metadata.safetensors", metadata={"nanocustom": "{not json"})
+    with pytest.raises(CheckpointError, match="its nanocustom metadata is not JSON") as refused:
+        load(tmp_path / "bad_metadata.safetensors")
+    assert "\n" not in str(refused.value)
+
+
 def test_save_refuses_a_model_with_a_delta_attached(tiny, tmp_path):
     from nanocustom.personalize import attach
     sd = load(tiny[1])

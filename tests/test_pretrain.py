@@ -150,6 +150,7 @@ def test_the_recipe_is_one_command_of_three_stages(tmp_path):
     recipe = model.metadata["recipe"]
     assert (recipe["vae_steps"], recipe["text_steps"], recipe["unet_steps"], recipe["finish_steps"]) == (2, 2, 2, 2)
     assert recipe["patterns"] == 0.5
+    assert (recipe["torch"], recipe["threads"], recipe["seed"]) == (torch.__version__, 1, 0)  # what a rerun needs
 
 
 @pytest.mark.parametrize("extra, message", [
