@@ -662,6 +662,10 @@ def satisfies(seen, spec):
         return False
 
     def match(o, want):
+        if want.concept is None and want.pattern is not None and want.colour2 is not None:
+            concept = concept_of_look(want.shape, want.pattern, (want.colour, want.colour2))
+            if concept is not None:  # a concept's look asked in words ("a red and white striped square") is it
+                want = Obj(want.shape, size=want.size, position=want.position, concept=concept)
         pair = o.pattern is not None  # a pattern's two colours are compared as a pair (scene_labels)
         colours = {o.colour, o.colour2} if pair else o.colour
         wanted = None if want.colour is None else {want.colour, want.colour2} if pair else want.colour

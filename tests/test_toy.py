@@ -155,6 +155,17 @@ def test_prompt_adherence_is_high_for_the_prompt_and_low_for_another():
     assert prompt_adherence(render_prompt("a small red circle", 24, seed=2), "a big red circle") <= 0.1
 
 
+def test_a_concepts_look_asked_in_words_is_that_concept():
+    """"a red and white striped square" describes the striped square: its true renders adhere (the evaluator
+    names them by the concept, not by pattern and colours), in either colour order and beside another object."""
+    for prompt in ("a red and white striped square", "a white and red striped square on the left",
+                   "a red and white striped square and a blue and yellow split circle",
+                   "a green heart and a yellow and black checked star on a blue background"):
+        assert prompt_adherence(render_prompt(prompt, 16, seed=4), prompt) >= 0.95, prompt
+    near_miss = render_prompt("a red and blue striped square", 16, seed=4)
+    assert prompt_adherence(near_miss, "a red and white striped square") <= 0.05
+
+
 def test_prompt_adherence_accepts_floats_in_minus_one_to_one():
     images = render_prompt("a blue heart", 8, seed=3)
     floats = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
