@@ -230,7 +230,7 @@ def parse_loss(logits_object, logits_scene, obj, scene):
     return loss
 
 
-def train_text_encoder(text_encoder, tokenizer, steps, batch, lr, seed, log, pairs=0.5):
+def train_text_encoder(text_encoder, tokenizer, steps, batch, lr, seed, log, pairs=0.5, patterns=toy.PATTERN_PROB):
     """Stage 1b: SD v1 conditions on a frozen text encoder that CLIP's contrastive training made (Radford et al.
     2021); ours must be made here, and made to *bind*: with the text encoder trained only through the diffusion
     loss (sessions 2-7), a noun's feature hardly depended on its colour word (cosine 0.94-1.00 under swapped colours,
@@ -254,7 +254,8 @@ def train_text_encoder(text_encoder, tokenizer, steps, batch, lr, seed, log, pai
     text_encoder.train().requires_grad_(True)
     pace = Pace(steps)
     for step in range(steps):
-        captions = [toy.random_caption(toy.random_scene(rng, pair_prob=pairs), rng) for _ in range(batch)]
+        captions = [toy.random_caption(toy.random_scene(rng, pair_prob=pairs, pattern_prob=patterns), rng)
+                    for _ in range(batch)]
         obj, scene = (t.to(device) for t in parse_targets(captions, causal=text_encoder.config.causal))
         features = text_encoder(tokenizer.encode(captions).to(device))
         loss = parse_loss(heads["object"](features), heads["scene"](features), obj, scene)
@@ -475,7 +476,7 @@ def pretrain(out=DEFAULT_CHECKPOINT, vae_steps=VAE_STEPS, unet_steps=UNET_STEPS,
         log("stage 1b: the text encoder learns to parse captions" + (", continuing the checkpoint's" if go_on else ""))
         torch.manual_seed(seed)
         sd.text_encoder = train_text_encoder(sd.text_encoder if go_on else CLIPTextModel(TEXT_CONFIG).to(device),
-                                             sd.tokenizer, text_steps, text_batch, text_lr, seed, log, pairs)
+                                             sd.tokenizer, text_steps, text_batch, text_lr, seed, log, pairs, patterns)
     # A parsed encoder, or a checkpoint's that sees the whole caption, is frozen from here on, as SD v1's CLIP is;
     # an unparsed one learns with the UNet (the recipe before stage 1b).
     train_text = not (text_steps or (init_from and not sd.text_encoder.config.causal))
@@ -676,7 +677,7 @@ def main(argv=None):
     p.add_argument("--finish-scenes", type=int, default=FINISH_SCENES)
     p.add_argument("--pairs", type=float, default=PAIRS, help="fraction of scenes with two objects")
     p.add_argument("--patterns", type=float, default=toy.PATTERN_PROB,
-                   help="fraction of objects patterned in stages 2 and 3 and --decoder-steps (more: a continuation "
+                   help="fraction of objects patterned in stages 1b, 2 and 3 and --decoder-steps (more: a continuation "
                         "that teaches the patterns)")
     p.add_argument("--device", default="cpu", help="cuda trains the same recipe in minutes")
     p.add_argument("--seed", type=int, default=0)
