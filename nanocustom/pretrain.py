@@ -286,6 +286,23 @@ def binding_probe(sd, n=64, seed=0):
 
 
 @torch.no_grad()
+def pattern_binding_probe(sd, n=64, seed=0):
+    """binding_probe for patterns: the shape words' features in "a red and green striped circle and a blue and
+    orange checked square" against the same with the two patterns swapped (1.0: the shape words do not know
+    their own pattern, and two patterned objects share their patterns; lower is better)."""
+    rng = np.random.default_rng([seed, 8])
+    cosines = []
+    for _ in range(n):
+        (s1, s2), (p1, p2) = rng.choice(toy.SHAPES, 2, replace=False), rng.choice(list(toy.PATTERNS), 2, replace=False)
+        c = rng.choice(list(toy.COLOURS), 4, replace=False)
+        caption = f"a {c[0]} and {c[1]} {{}} {s1} and a {c[2]} and {c[3]} {{}} {s2}"
+        ids = sd.tokenizer.encode([caption.format(p1, p2), caption.format(p2, p1)]).to(sd.device)
+        features = sd.text_encoder(ids)[:, [6, 13]]  # the shape words: BOS a c and c pattern SHAPE and a c and c p
+        cosines.append(F.cosine_similarity(features[0], features[1], dim=-1).mean().item())
+    return float(np.mean(cosines))
+
+
+@torch.no_grad()
 def measure_latent_scale(vae, seed, n=512):
     """1 / std of the latents, so the diffusion model sees unit variance (LDM §4.3.2)."""
     device = next(vae.parameters()).device
@@ -480,7 +497,8 @@ def pretrain(out=DEFAULT_CHECKPOINT, vae_steps=VAE_STEPS, unet_steps=UNET_STEPS,
     # A parsed encoder, or a checkpoint's that sees the whole caption, is frozen from here on, as SD v1's CLIP is;
     # an unparsed one learns with the UNet (the recipe before stage 1b).
     train_text = not (text_steps or (init_from and not sd.text_encoder.config.causal))
-    log(f"binding probe {binding_probe(sd):.3f} (1: a bag of words); the text encoder "
+    log(f"binding probe {binding_probe(sd):.3f}, patterns {pattern_binding_probe(sd):.3f} (1: a bag of words); "
+        "the text encoder "
         + ("learns with the UNet" if train_text else "stays frozen"))
     if samples:
         from PIL import Image
@@ -601,8 +619,9 @@ def diagnose(sd, n_single=12, n_double=8, n_patterned=8, per_prompt=8, steps=25,
     beside the adherence; for the patterned prompts also how often the asked patterns are seen at all."""
     from nanocustom.pipeline import generate
     single, double = quality_prompts(0, max(n_single, n_double))
-    report = {"binding probe": binding_probe(sd)}
-    log(f"binding probe: {report['binding probe']:.3f} (1: the text encoder is a bag of words)")
+    report = {"binding probe": binding_probe(sd), "pattern binding probe": pattern_binding_probe(sd)}
+    log(f"binding probe: {report['binding probe']:.3f}, patterns {report['pattern binding probe']:.3f} "
+        "(1: the text encoder is a bag of words)")
     report["round trips"] = round_trips(sd)
     log("true renders through the VAE: " + ", ".join(f"{k} {v:.3f}" for k, v in report["round trips"].items()))
     groups = (("single", single[:n_single]), ("two-object", double[:n_double]),

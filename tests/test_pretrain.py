@@ -1,4 +1,5 @@
 """Pieces of the pretraining recipe (nanocustom/pretrain.py) that a short run cannot show."""
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -301,6 +302,18 @@ def test_the_shipped_text_encoder_binds_colours_to_shapes():
     from nanocustom.checkpoint import load
     from nanocustom.pretrain import binding_probe
     assert binding_probe(load(), n=16) < 0.8
+
+
+def test_the_pattern_binding_probe_reads_context_and_is_one_without_it():
+    """An encoder with no layers gives each word its own embedding whatever surrounds it: the probe is then 1.
+    The shipped encoder's shape words know their own pattern, if weakly (see JOURNAL.md, session 24)."""
+    from nanocustom.checkpoint import load
+    from nanocustom.clip import CLIPTextModel
+    from nanocustom.pretrain import TEXT_CONFIG, pattern_binding_probe
+    sd = load()
+    assert pattern_binding_probe(sd, n=16) < 0.97
+    sd.text_encoder = CLIPTextModel(dataclasses.replace(TEXT_CONFIG, num_hidden_layers=0)).eval()
+    assert pattern_binding_probe(sd, n=16) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_decoder_steps_train_the_decoder_alone_and_keep_the_latent_space(tmp_path):
