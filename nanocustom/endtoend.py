@@ -7,6 +7,8 @@
                                                 #   (Kumari et al. Table 7)
     python -m nanocustom.endtoend lag           # background preservation with and without LAG (Ham et al. §3.3),
                                                 #   for the concept's images and for it shot on one background
+    python -m nanocustom.endtoend words         # the base model asked in words: each concept's look, the pair,
+                                                #   two patterned objects (what a method could find at best)
     python -m nanocustom.endtoend all --quick   # fewer steps and images: the CI version
 
 Training runs `train.py` as a user would (a subprocess, its defaults unless said here, training seed 0 unless
@@ -103,8 +105,9 @@ def personalize(work, n, quick, steps, seed):
     return results
 
 
-def both_present(sd, n, **options):
-    prompt = f"{concept_prompt(A)} and {concept_prompt(B, photo=False)}"  # photo of a <new1> square and a <new2> ...
+def both_present(sd, n, prompt=None, **options):
+    """How often A and B appear together for `prompt` (default: photo of a <new1> square and a <new2> circle)."""
+    prompt = prompt or f"{concept_prompt(A)} and {concept_prompt(B, photo=False)}"
     images = samples(sd, prompt, n, seed=3, **options)
     seen = toy.describe(images)
     both = [{o.concept for o in s.objects} >= {A, B} for s in seen]
@@ -123,6 +126,42 @@ def compose(work, n, quick, steps, seed):
     sd = load()
     load_delta(sd, train(work / "joint.safetensors", "custom", [A, B], *short, seed=seed))
     results["joint training"] = both_present(sd, n, steps=steps)
+    return results
+
+
+def in_words(name):
+    """A held-out concept's look in the world's words: "a red and white striped square"."""
+    c = toy.CONCEPTS[name]
+    return f"a {c.colours[0]} and {c.colours[1]} {c.pattern} {c.shape}"
+
+
+def patterned_pairs(k, seed=0):
+    """k prompts naming two patterned objects, neither a held-out concept's look."""
+    rng, prompts = np.random.default_rng(seed), []
+    while len(prompts) < k:
+        (s1, s2), (p1, p2) = rng.choice(toy.SHAPES, 2, replace=False), rng.choice(list(toy.PATTERNS), 2, replace=False)
+        c = rng.choice(list(toy.COLOURS), 4, replace=False)
+        if toy.concept_of_look(s1, p1, c[:2]) is None and toy.concept_of_look(s2, p2, c[2:]) is None:
+            prompts.append(f"a {c[0]} and {c[1]} {p1} {s1} and a {c[2]} and {c[3]} {p2} {s2}")
+    return prompts
+
+
+def words(work, n, quick, steps, seed):
+    """The base model asked in words, no training: each concept's look (presence), the composition pair (both
+    present) and pairs of patterned objects that are no concept (adherence; both asked patterns seen at all).
+    A method that finds a concept's words can find at most this, so the pair bounds the compose experiment."""
+    from nanocustom.pretrain import shows_asked_patterns
+    base = load()
+    results = {"concepts in words": {name: toy.concept_presence(samples(base, in_words(name), n, steps=steps), name)
+                                     for name in toy.CONCEPTS}}
+    results["the pair in words"] = both_present(base, n, prompt=f"{in_words(A)} and {in_words(B)}", steps=steps)
+    adherence, patterns_seen = [], []
+    for i, prompt in enumerate(patterned_pairs(2 if quick else 8)):
+        images, spec = samples(base, prompt, n, seed=i, steps=steps), toy.parse_caption(prompt)
+        adherence.append(toy.prompt_adherence(images, prompt))
+        patterns_seen.append(np.mean([shows_asked_patterns(seen, spec) for seen in toy.describe(images)]))
+    results["two patterned objects"] = {"adherence": float(np.mean(adherence)),
+                                        "both patterns seen": float(np.mean(patterns_seen))}
     return results
 
 
@@ -163,7 +202,7 @@ def lag(work, n, quick, steps, seed):
     return results
 
 
-EXPERIMENTS = {"personalize": personalize, "compose": compose, "lag": lag}
+EXPERIMENTS = {"personalize": personalize, "compose": compose, "lag": lag, "words": words}
 
 
 def main(argv=None):
