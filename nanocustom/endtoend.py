@@ -31,6 +31,7 @@ from nanocustom.checkpoint import REPO_ROOT, atomic_write, load
 from nanocustom.merge import combine
 from nanocustom.personalize import load_delta
 from nanocustom.pipeline import generate
+from nanocustom.pretrain import shows_asked_patterns
 
 STEPS, GUIDANCE = 25, 6.0
 A, B = "striped_square", "split_circle"  # the two concepts of the composition experiment
@@ -150,7 +151,6 @@ def words(work, n, quick, steps, seed):
     """The base model asked in words, no training: each concept's look (presence), the composition pair (both
     present) and pairs of patterned objects that are no concept (adherence; both asked patterns seen at all).
     A method that finds a concept's words can find at most this, so the pair bounds the compose experiment."""
-    from nanocustom.pretrain import shows_asked_patterns
     base = load()
     results = {"concepts in words": {name: toy.concept_presence(samples(base, in_words(name), n, steps=steps), name)
                                      for name in toy.CONCEPTS}}

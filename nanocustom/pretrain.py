@@ -271,35 +271,38 @@ def train_text_encoder(text_encoder, tokenizer, steps, batch, lr, seed, log, pai
 
 
 @torch.no_grad()
-def binding_probe(sd, n=64, seed=0):
-    """How much a shape word's feature depends on its own colour word: the mean cosine similarity of the shape
-    words' text features between "a red circle and a green square" and the same with the colours swapped, over n
-    random pairs (1.0: not at all, a bag of words the UNet cannot bind; lower is better)."""
-    rng = np.random.default_rng([seed, 7])
+def shape_word_similarity(sd, caption_pairs, positions):
+    """The mean cosine similarity of the text features at `positions` (the shape words) between the two captions
+    of each pair: 1.0 when the words that differ do not reach the shape words at all."""
     cosines = []
-    for _ in range(n):
-        (s1, s2), (c1, c2) = rng.choice(toy.SHAPES, 2, replace=False), rng.choice(list(toy.COLOURS), 2, replace=False)
-        ids = sd.tokenizer.encode([f"a {c1} {s1} and a {c2} {s2}", f"a {c2} {s1} and a {c1} {s2}"]).to(sd.device)
-        features = sd.text_encoder(ids)[:, [3, 7]]  # the shape words: after BOS, "a", the colour
+    for a, b in caption_pairs:
+        features = sd.text_encoder(sd.tokenizer.encode([a, b]).to(sd.device))[:, positions]
         cosines.append(F.cosine_similarity(features[0], features[1], dim=-1).mean().item())
     return float(np.mean(cosines))
 
 
-@torch.no_grad()
+def binding_probe(sd, n=64, seed=0):
+    """How much a shape word's feature depends on its own colour word: shape_word_similarity between "a red circle
+    and a green square" and the same with the colours swapped, over n random pairs (1.0: not at all, a bag of words
+    the UNet cannot bind; lower is better)."""
+    rng, pairs = np.random.default_rng([seed, 7]), []
+    for _ in range(n):
+        (s1, s2), (c1, c2) = rng.choice(toy.SHAPES, 2, replace=False), rng.choice(list(toy.COLOURS), 2, replace=False)
+        pairs.append((f"a {c1} {s1} and a {c2} {s2}", f"a {c2} {s1} and a {c1} {s2}"))
+    return shape_word_similarity(sd, pairs, [3, 7])  # the shape words: after BOS, "a", the colour
+
+
 def pattern_binding_probe(sd, n=64, seed=0):
-    """binding_probe for patterns: the shape words' features in "a red and green striped circle and a blue and
-    orange checked square" against the same with the two patterns swapped (1.0: the shape words do not know
-    their own pattern, and two patterned objects share their patterns; lower is better)."""
-    rng = np.random.default_rng([seed, 8])
-    cosines = []
+    """binding_probe for patterns: "a red and green striped circle and a blue and orange checked square" against
+    the same with the two patterns swapped (1.0: the shape words do not know their own pattern, and two patterned
+    objects share their patterns; lower is better)."""
+    rng, pairs = np.random.default_rng([seed, 8]), []
     for _ in range(n):
         (s1, s2), (p1, p2) = rng.choice(toy.SHAPES, 2, replace=False), rng.choice(list(toy.PATTERNS), 2, replace=False)
         c = rng.choice(list(toy.COLOURS), 4, replace=False)
         caption = f"a {c[0]} and {c[1]} {{}} {s1} and a {c[2]} and {c[3]} {{}} {s2}"
-        ids = sd.tokenizer.encode([caption.format(p1, p2), caption.format(p2, p1)]).to(sd.device)
-        features = sd.text_encoder(ids)[:, [6, 13]]  # the shape words: BOS a c and c pattern SHAPE and a c and c p
-        cosines.append(F.cosine_similarity(features[0], features[1], dim=-1).mean().item())
-    return float(np.mean(cosines))
+        pairs.append((caption.format(p1, p2), caption.format(p2, p1)))
+    return shape_word_similarity(sd, pairs, [6, 13])  # BOS a colour and colour pattern SHAPE and a c and c p SHAPE
 
 
 @torch.no_grad()

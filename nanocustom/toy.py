@@ -654,25 +654,31 @@ def describe(images, evaluator=None):
     return scenes
 
 
+def _as_concept(o):
+    """A concept's look asked in words ("a red and white striped square") is that concept, as the evaluator names it."""
+    if o.concept is None and o.pattern is not None and o.colour2 is not None:
+        concept = concept_of_look(o.shape, o.pattern, (o.colour, o.colour2))
+        if concept is not None:
+            return Obj(o.shape, size=o.size, position=o.position, concept=concept)
+    return o
+
+
 def satisfies(seen, spec):
     """Does the seen Scene show everything the partial Scene spec states, and no object it doesn't name?"""
     if spec.background is not None and seen.background != spec.background:
         return False
     if len(seen.objects) != len(spec.objects):
         return False
+    wanted = [_as_concept(o) for o in spec.objects]
 
     def match(o, want):
-        if want.concept is None and want.pattern is not None and want.colour2 is not None:
-            concept = concept_of_look(want.shape, want.pattern, (want.colour, want.colour2))
-            if concept is not None:  # a concept's look asked in words ("a red and white striped square") is it
-                want = Obj(want.shape, size=want.size, position=want.position, concept=concept)
         pair = o.pattern is not None  # a pattern's two colours are compared as a pair (scene_labels)
         colours = {o.colour, o.colour2} if pair else o.colour
         wanted = None if want.colour is None else {want.colour, want.colour2} if pair else want.colour
         return (o.shape == want.shape and o.concept == want.concept and o.pattern == want.pattern
                 and all(w is None or w == v for v, w in [(colours, wanted), (o.size, want.size),
                                                          (o.position, want.position)]))
-    return any(all(map(match, order, spec.objects)) for order in itertools.permutations(seen.objects))
+    return any(all(map(match, order, wanted)) for order in itertools.permutations(seen.objects))
 
 
 def prompt_adherence(images, prompt, evaluator=None, tokens=None):
