@@ -6,8 +6,9 @@
 
 Our models and diffusers' get the same random weights: ours written in the original single-file layout and
 converted by diffusers' own single-file functions (the CLIP text model through transformers). Ours against
-diffusers' alternate one run of each, `--repeats` times, and report min and median; the optimisation rows, the
-training reference and the merge's two forms are timed one after the other. Sections of the GPU suite:
+diffusers' alternate one run of each, `--repeats` times, and report min and median; so do the rows of each
+optimisation group, each on its own copy of the model; the training reference and the merge's two forms are timed
+one after the other. Sections of the GPU suite:
 
   sampling       50-step DDIM with classifier-free guidance (7.5), one image: text encoding, 50 UNet calls on a
                  batch of 2, VAE decode; and one UNet call alone. Ours: pipeline.generate. Reference:
@@ -32,7 +33,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -428,10 +429,25 @@ def row(group, config, result, baseline=None, note=""):
     return r
 
 
-def bench_dtype(unet, dtype, x, t, context, repeats):
-    """A copy of the UNet in another dtype (the copy freed on return)."""
-    other, x, context = copy.deepcopy(unet).to(dtype), x.to(dtype), context.to(dtype)
-    return alternate({"r": lambda: other(x, t, context)}, x.device, repeats)
+def usable(runs):
+    """The runs whose first call (their warm-up) succeeds; each other one is reported skipped with its reason, so
+    that one failing configuration does not take its group's other rows with it."""
+    working = {}
+    for name, fn in runs.items():
+        try:
+            fn()
+            working[name] = fn
+        except Exception as e:
+            print(f"  {name}: skipped ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]})", flush=True)
+    return working
+
+
+def alternated_rows(group, runs, device, repeats):
+    """{config: fn}, the baseline first -> the group's rows, every configuration timed in turn with the baseline."""
+    baseline = next(iter(runs))
+    times = alternate(usable(runs), device, repeats, warmup=0)
+    return [row(group, config, result, None if config == baseline else times[baseline])
+            for config, result in times.items()]
 
 
 def training_rows(results):
@@ -451,33 +467,30 @@ def training_rows(results):
 
 @torch.inference_mode()
 def bench_unet_options(sd, repeats, dtype_name):
-    """One guided UNet call: attention kernel, dtype, memory format, CUDA graphs."""
-    device, group = sd.device, "UNet step (batch 2)"
-    side = sd.resolution // sd.vae.downsampling_factor
+    """One guided UNet call: attention kernel, dtype, memory format, CUDA graph. Each configuration that changes
+    the weights runs on its own copy of the UNet, so that all of them alternate with the baseline."""
+    device, side = sd.device, sd.resolution // sd.vae.downsampling_factor
     x, t, context = unet_inputs(sd.unet.config, side, 2, device, sd.dtype)
     unet = sd.unet
-    base = alternate({"base": lambda: unet(x, t, context)}, device, repeats)["base"]
-    rows = [row(group, f"baseline: {dtype_name}, SDPA, eager", base)]
-    with sdpa_replaced():
-        rows.append(row(group, "plain softmax attention", alternate({"r": lambda: unet(x, t, context)}, device,
-                                                                   repeats)["r"], base))
-    yield rows
+
+    def plain_attention():
+        with sdpa_replaced():
+            return unet(x, t, context)
+
+    runs = {f"baseline: {dtype_name}, SDPA, eager": lambda: unet(x, t, context),
+            "plain softmax attention": plain_attention}
     for name, dtype in DTYPES.items():
-        if dtype == sd.dtype or (device.type == "cpu" and dtype == torch.float16):
-            continue
-        rows.append(row(group, name, bench_dtype(unet, dtype, x, t, context, repeats)["r"], base))
-        yield rows
-    unet.to(memory_format=torch.channels_last)
-    xc = x.to(memory_format=torch.channels_last)
-    rows.append(row(group, "channels_last", alternate({"r": lambda: unet(xc, t, context)}, device, repeats)["r"], base))
-    unet.to(memory_format=torch.contiguous_format)
-    yield rows
-    if device.type != "cuda":
+        if dtype != sd.dtype and not (device.type == "cpu" and dtype == torch.float16):
+            other, xd, cd = copy.deepcopy(unet).to(dtype), x.to(dtype), context.to(dtype)
+            runs[name] = lambda other=other, xd=xd, cd=cd: other(xd, t, cd)
+    nhwc, xc = copy.deepcopy(unet).to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    runs["channels_last"] = lambda: nhwc(xc, t, context)
+    if device.type == "cuda":
+        replay = cuda_graph(unet, x, t, context)
+        runs["CUDA graph"] = lambda: replay(x, t, context)
+    else:
         print("  CUDA graphs: skipped (CUDA only)", flush=True)
-        return
-    replay = cuda_graph(unet, x, t, context)
-    rows.append(row(group, "CUDA graph", alternate({"r": lambda: replay(x, t, context)}, device, repeats)["r"], base))
-    yield rows
+    return alternated_rows("UNet step (batch 2)", runs, device, repeats)
 
 
 @torch.inference_mode()
@@ -507,21 +520,21 @@ def bench_sampler_cuda_graph(sd, repeats, steps=50):
 
 @torch.inference_mode()
 def bench_folding(sd, repeats):
-    """A UNet call with each delta attached (its tensors applied on the fly) against the same delta folded."""
+    """A UNet call with each delta attached (its tensors applied on the fly) against the same delta folded, each
+    on its own copy of the model, all alternated with the bare model."""
     device, side = sd.device, sd.resolution // sd.vae.downsampling_factor
     x, t, context = unet_inputs(sd.unet.config, side, 2, device, sd.dtype)
-    base = alternate({"r": lambda: sd.unet(x, t, context)}, device, repeats)["r"]
-    group = "delta at inference (UNet step)"
-    rows = [row(group, "baseline: no delta", base)]
+    runs = {"baseline: no delta": lambda: sd.unet(x, t, context)}
     for method in ("svdiff", "residual", "custom"):
-        with random_svd():
-            delta = attach(sd, method)
-        rows.append(row(group, f"{method}, unfolded", alternate({"r": lambda: sd.unet(x, t, context)}, device,
-                                                                repeats)["r"], base))
-        delta.fold()  # the deltas start at zero: the folded weights are the base ones
-        rows.append(row(group, f"{method}, folded", alternate({"r": lambda: sd.unet(x, t, context)}, device,
-                                                              repeats)["r"], base))
-    return rows
+        for folded in (False, True):
+            copy_of_sd = replace(sd, tokenizer=copy.deepcopy(sd.tokenizer),
+                                 text_encoder=copy.deepcopy(sd.text_encoder), unet=copy.deepcopy(sd.unet))
+            with random_svd():
+                delta = attach(copy_of_sd, method)
+            if folded:
+                delta.fold()  # the deltas start at zero: the folded weights are the base ones
+            runs[f"{method}, {'folded' if folded else 'unfolded'}"] = lambda unet=copy_of_sd.unet: unet(x, t, context)
+    return alternated_rows("delta at inference (UNet step)", runs, device, repeats)
 
 
 @torch.inference_mode()
@@ -543,16 +556,17 @@ def bench_svdiff_reconstruction(sd, repeats):
 
 
 def bench_compile(sd, repeats, mode):
-    """torch.compile of the UNet: compile time, then the step."""
+    """torch.compile of the UNet: compile time, then the step, alternated with the eager one."""
     device, group = sd.device, "UNet step (batch 2)"
     side = sd.resolution // sd.vae.downsampling_factor
     x, t, context = unet_inputs(sd.unet.config, side, 2, device, sd.dtype)
     with torch.inference_mode():
-        base = alternate({"r": lambda: sd.unet(x, t, context)}, device, repeats)["r"]
         compiled = torch.compile(sd.unet, mode=mode)
         compile_s = timed(lambda: compiled(x, t, context), device)
-        result = alternate({"r": lambda: compiled(x, t, context)}, device, repeats, warmup=2)["r"]
-    return [row(group, f"torch.compile (mode={mode})", result, base, note=f"compile {compile_s:.0f} s")]
+        times = alternate({"eager": lambda: sd.unet(x, t, context), "compiled": lambda: compiled(x, t, context)},
+                          device, repeats, warmup=2)
+    return [row(group, f"torch.compile (mode={mode})", times["compiled"], times["eager"],
+                note=f"compile {compile_s:.0f} s")]
 
 
 # -----------------------------------------------------------------------------
