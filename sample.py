@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from nanocustom.attention import AttentionMaps, concept_positions, heatmap_strip
+from nanocustom.attention import LAG, AttentionMaps, concept_positions, heatmap_strip
 from nanocustom.checkpoint import DEFAULT_CHECKPOINT, atomic_write, load
 from nanocustom.errors import NanocustomError, check_device, run_script
 from nanocustom.merge import combine, compress_custom_delta, decompress_custom_tensors
@@ -51,6 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--force", action="store_true", help="apply deltas made for another base model")
     p.add_argument("--lag", action="store_true", help="LAG sampling (Ham et al. §3.3): the residual delta only "
                                                       "where the concept's tokens attend")
+    p.add_argument("--lag-class", default=None, metavar="WORDS", help="--lag: the concept's class when it is more "
+                   "than one word, e.g. 'teddy bear' (default: the one word after the modifier token)")
     p.add_argument("--base-uncond", action="store_true", help="residual delta: guidance's unconditional prediction "
                    "from the base model, the residuals on the conditional one only (not the papers'; see README)")
     p.add_argument("--attn-maps", action="store_true", help="also save per-token cross-attention heatmaps")
@@ -78,6 +80,9 @@ def check_args(args):
         save_to = Path(args.save_delta)
         if save_to.suffix != ".safetensors" or not save_to.parent.is_dir() or not os.access(save_to.parent, os.W_OK):
             raise NanocustomError(f"--save-delta {save_to}: give a .safetensors path in a writable, existing directory")
+    if args.lag_class is not None and not (args.lag and args.lag_class.strip()):
+        raise NanocustomError(f"--lag-class {args.lag_class!r} names the class for LAG; add --lag, and give the "
+                              "class's words")
     if (args.compress is not None or args.save_delta) and not args.delta:
         raise NanocustomError(f"--{'compress' if args.compress is not None else 'save-delta'} needs a delta; "
                               "pass --delta FILE")
@@ -148,7 +153,7 @@ def main(argv=None):
 
     def check():  # once the deltas' tokens are known, before a merged delta is written
         check_tokens(sd, [args.prompt, args.negative_prompt])
-        if args.lag and not concept_positions(sd.tokenizer, args.prompt):
+        if args.lag and not concept_positions(sd.tokenizer, args.prompt, args.lag_class):
             raise NanocustomError(f"--lag: {args.prompt!r} names no modifier token, so LAG would leave it all to the "
                                   "base model; name the concept, e.g. 'photo of a <new1> dog'")
         check_size(sd, height, width)
@@ -158,9 +163,10 @@ def main(argv=None):
                  check=check)
     f = sd.vae.downsampling_factor
     maps = AttentionMaps(args.n, (height // f, width // f)) if args.attn_maps else None
+    lag = LAG(sd, [args.prompt] * args.n, class_phrase=args.lag_class) if args.lag else False
     images = generate(sd, [args.prompt] * args.n, negative_prompt=args.negative_prompt, steps=args.steps,
                       sampler=args.sampler, eta=args.eta, guidance=args.guidance, seed=args.seed,
-                      height=height, width=width, lag=args.lag, attention_maps=maps,
+                      height=height, width=width, lag=lag, attention_maps=maps,
                       base_unconditional=args.base_uncond)
     out = Path(args.out)
     out.mkdir(exist_ok=True)

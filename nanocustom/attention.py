@@ -29,21 +29,30 @@ import torch.nn.functional as F
 from nanocustom.errors import NanocustomError
 
 
-def concept_positions(tokenizer, prompt):
+def concept_positions(tokenizer, prompt, class_phrase=None):
     """Positions in the encoded prompt of each modifier token and of the word after it (its class word), e.g.
-    "photo of a <new1> square" -> [4, 5]; [] for a prompt that names no modifier token."""
+    "photo of a <new1> square" -> [4, 5]; [] for a prompt that names no modifier token. A class of several words
+    ("teddy bear") is given as class_phrase: then every piece of it, which must follow each modifier token."""
     ids = tokenizer.encode([prompt])[0].tolist()
     added = {tokenizer.token_id(t) for t in tokenizer.added_tokens}
+    phrase = [tokenizer.token_id(piece) for piece in tokenizer.tokenize(class_phrase)] if class_phrase else None
     positions = []
     for i, token in enumerate(ids):
-        if token in added:
-            positions.append(i)
-            j = i + 1  # the class word: BPE pieces up to the one that ends the word
-            while j < len(ids) and ids[j] != tokenizer.eos_id and ids[j] not in added:
-                positions.append(j)
-                if tokenizer.backend.id_to_token(ids[j]).endswith("</w>"):
-                    break
-                j += 1
+        if token not in added:
+            continue
+        positions.append(i)
+        if phrase:
+            if ids[i + 1:i + 1 + len(phrase)] != phrase:
+                raise NanocustomError(f"LAG's class {class_phrase!r} does not follow the modifier token in "
+                                      f"{prompt!r}; write the class right after the token (--lag-class)")
+            positions += range(i + 1, i + 1 + len(phrase))
+            continue
+        j = i + 1  # the class word: BPE pieces up to the one that ends the word
+        while j < len(ids) and ids[j] != tokenizer.eos_id and ids[j] not in added:
+            positions.append(j)
+            if tokenizer.backend.id_to_token(ids[j]).endswith("</w>"):
+                break
+            j += 1
     return positions
 
 
@@ -108,10 +117,12 @@ def residual_delta(sd, purpose):
 class LAG:
     """Localized attention-guided sampling (Ham et al. §3.3) for a personalized-residuals delta attached to sd."""
 
-    def __init__(self, sd, prompts, positions=None):
+    def __init__(self, sd, prompts, positions=None, class_phrase=None):
+        """positions: C for each prompt, else found by concept_positions (with class_phrase, if given)."""
         delta = residual_delta(sd, "LAG")
         self.sd, self.n = sd, len(prompts)
-        self.positions = [concept_positions(sd.tokenizer, p) for p in prompts] if positions is None else positions
+        self.positions = ([concept_positions(sd.tokenizer, p, class_phrase) for p in prompts] if positions is None
+                          else positions)
         self.layers = {layer.name.removesuffix(".proj_out"): layer for layer in delta.layers.values()}
         self.scores = {}  # block -> A_{i,C} [n, H*W], summed over the block's transformer blocks
         self.masks = {}   # block -> M_i, for inspection (the notebooks show them)

@@ -44,6 +44,17 @@ def test_concept_positions_are_the_modifier_token_and_its_class_word():
     assert concept_positions(sd.tokenizer, "photo of a square") == []  # C empty: LAG leaves it to the base model
 
 
+def test_a_class_of_several_words_is_given_and_must_follow_the_token():
+    sd = tiny()
+    residual(sd)  # adds <new1>
+    prompt = "a <new1> teddy bear on a table"
+    assert concept_positions(sd.tokenizer, prompt) == [2, 3]  # "teddy" alone: the one word after the token
+    assert concept_positions(sd.tokenizer, prompt, "teddy bear") == [2, 3, 4]
+    assert LAG(sd, [prompt] * 2, class_phrase="teddy bear").positions == [[2, 3, 4]] * 2
+    with pytest.raises(NanocustomError, match="'bear' does not follow the modifier token"):
+        concept_positions(sd.tokenizer, prompt, "bear")
+
+
 def test_observing_sees_softmax_attention_and_leaves_outputs_unchanged():
     sd = tiny()
     x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.randn(2, 77, 32)

@@ -139,6 +139,10 @@ BAD_INPUTS = {
                                    "--lag and --base-uncond need a personalized-residuals delta, got custom"),
     "lag_prompt_without_its_token": (["--delta", "{tmp}/residual.safetensors", "--lag", "--prompt",
                                       "photo of a square"], "--lag: 'photo of a square' names no modifier token"),
+    "lag_class_without_lag": (["--lag-class", "red square"],
+                              "--lag-class 'red square' names the class for LAG; add --lag"),
+    "lag_class_not_after_its_token": (["--delta", "{tmp}/residual.safetensors", "--lag", "--lag-class", "red square",
+                                       "--prompt", "photo of a <new1> square"], "does not follow the modifier token"),
     "save_delta_in_a_missing_directory": (["--delta", "{tmp}/custom.safetensors", "--save-delta",
                                            "{tmp}/missing/d.safetensors"], "writable, existing directory"),
     "out_parent_missing": (["--out", "{tmp}/missing/out"], "is not an existing directory"),
@@ -158,6 +162,8 @@ GOOD_INPUTS = {
     "custom_from_the_compressed_file": ["--delta", "{tmp}/low.safetensors"],
     "residual_base_uncond": ["--delta", "{tmp}/residual.safetensors", "--base-uncond"],
     "residual_lag": ["--delta", "{tmp}/residual.safetensors", "--lag", "--prompt", "photo of a <new1> square"],
+    "residual_lag_class": ["--delta", "{tmp}/residual.safetensors", "--lag", "--lag-class", "red square", "--prompt",
+                           "photo of a <new1> red square"],
 }
 
 
