@@ -429,6 +429,10 @@ def row(group, config, result, baseline=None, note=""):
     return r
 
 
+def print_skipped(name, error):
+    print(f"  {name}: skipped ({type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]})", flush=True)
+
+
 def usable(runs):
     """The runs whose first call (their warm-up) succeeds; each other one is reported skipped with its reason, so
     that one failing configuration does not take its group's other rows with it."""
@@ -438,7 +442,7 @@ def usable(runs):
             fn()
             working[name] = fn
         except Exception as e:
-            print(f"  {name}: skipped ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]})", flush=True)
+            print_skipped(name, e)
     return working
 
 
@@ -682,7 +686,7 @@ def main():
             for r in rows if hasattr(rows, "__next__") else [rows]:  # generators yield their rows as they go
                 record(r)
         except Exception as e:
-            print(f"  {name}: skipped ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]})", flush=True)
+            print_skipped(name, e)
             if getattr(sd, "delta", None) is not None:
                 sd.delta.detach()
             sd.unet.gradient_checkpointing = False
