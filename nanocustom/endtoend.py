@@ -99,6 +99,14 @@ def personalize(work, n, quick, steps, seed):
     results["residual, base unconditional"] = concept_scores(sd, A, n, steps=steps, base_unconditional=True)
     results["residual, LAG + base unconditional"] = concept_scores(sd, A, n, steps=steps, lag=True,
                                                                    base_unconditional=True)
+    # the modifier token's row trained too (Ham et al. Table 3's "update token embedding"): <new1> starts from a
+    # rare token's row, a trained word in SD's CLIP but in the shapes model still its random initialisation, since
+    # no shapes caption uses it
+    sd = load()
+    load_delta(sd, train(work / "residual-token.safetensors", "residual", [A], "--train-tokens", *short, seed=seed))
+    results["residual, token trained"] = concept_scores(sd, A, n, steps=steps)
+    results["residual, token trained, LAG + base unconditional"] = concept_scores(sd, A, n, steps=steps, lag=True,
+                                                                                  base_unconditional=True)
     sd = load()
     reg = reg_folder(work / "reg", toy.CONCEPTS[A].shape, 8 if quick else 64)
     load_delta(sd, train(work / "custom-reg.safetensors", "custom", [A], "--reg-dir", reg, *short, seed=seed))

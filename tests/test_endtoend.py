@@ -18,7 +18,8 @@ def fractions(tree):
 def test_every_experiment_runs_end_to_end_and_scores_fractions(tmp_path):
     results = endtoend.main(["all", "--quick", "--steps", "10", "--json", str(tmp_path / "e2e.json")])
     runs = ["custom", "svdiff", "residual", "residual, LAG", "residual, base unconditional",
-            "residual, LAG + base unconditional", "custom + regularisation images"]
+            "residual, LAG + base unconditional", "residual, token trained",
+            "residual, token trained, LAG + base unconditional", "custom + regularisation images"]
     assert list(results["personalize"]) == ["base model", *runs]
     for method in runs:
         assert set(results["personalize"][method]) == {"presence", "class prompt: plain member",
@@ -31,7 +32,7 @@ def test_every_experiment_runs_end_to_end_and_scores_fractions(tmp_path):
     assert list(results["words"]) == ["concepts in words", "the pair in words", "two patterned objects"]
     assert list(results["words"]["concepts in words"]) == list(endtoend.toy.CONCEPTS)
     values = list(fractions(results))
-    assert len(values) == 2 + 7 * 3 + 3 * 3 + 2 * 3 * 2 + 4 + 3 + 2
+    assert len(values) == 2 + 9 * 3 + 3 * 3 + 2 * 3 * 2 + 4 + 3 + 2
     assert all(0.0 <= v <= 1.0 and not math.isnan(v) for v in values)
     written = json.loads((tmp_path / "e2e.json").read_text())
     assert written.pop("protocol") == {"images per prompt": 4, "DDIM steps": 10, "guidance": 6.0,
