@@ -100,8 +100,8 @@ def personalize(work, n, quick, steps, seed):
     results["residual, LAG + base unconditional"] = concept_scores(sd, A, n, steps=steps, lag=True,
                                                                    base_unconditional=True)
     # the modifier token's row trained too (Ham et al. Table 3's "update token embedding"): <new1> starts from a
-    # rare token's row, a trained word in SD's CLIP but in the shapes model still its random initialisation, since
-    # no shapes caption uses it
+    # rare token's row, a trained word in SD's CLIP but in the shapes model still nearly its random initialisation,
+    # since no shapes caption uses it
     sd = load()
     load_delta(sd, train(work / "residual-token.safetensors", "residual", [A], "--train-tokens", *short, seed=seed))
     results["residual, token trained"] = concept_scores(sd, A, n, steps=steps)
