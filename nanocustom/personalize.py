@@ -12,8 +12,9 @@
 
 Modifier tokens (`tokens=[...]`) work the same for all three: new vocabulary entries whose embedding rows start
 as copies of rare tokens (Kumari et al. App. B "Choice of V*": 42170 "ktn", then 47629 "pll"; the authors'
-scripts add 43514, "ucd") and live in a small table of their own, so an optimizer sees only the new rows. A fourth
-token needs init_from=[...]: like the authors' script we refuse to start two tokens from one rare token. Custom
+scripts add 43514, "ucd") and live in a small table of their own, so an optimizer sees only the new rows. `<newK>`
+starts from the K-th rare token in whichever run trains it (rare_tokens_for). A fourth token needs
+init_from=[...]: like the authors' script we refuse to start two tokens from one rare token. Custom
 Diffusion trains the rows (§3.1: V* is "optimized along with cross-attention parameters"). SVDiff and personalized
 residuals use a rare identifier as it is (DreamBooth's recipe; Ham et al.'s 1.2M parameters are the residuals
 alone), so there the rows stay frozen unless train_tokens=True.
@@ -39,8 +40,26 @@ from nanocustom.checkpoint import fingerprint, save_atomic, to_original_layout
 from nanocustom.errors import NanocustomError
 from nanocustom.unet import SpatialTransformer
 
-RARE_TOKENS = [42170, 47629, 43514]  # "ktn", "pll", "ucd</w>": the first modifier token starts as 42170, and so on
+RARE_TOKENS = [42170, 47629, 43514]  # "ktn", "pll", "ucd</w>": <new1> starts as 42170, <new2> as 47629, ...
 SVD_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nanocustom" / "svd"
+
+
+def rare_tokens_for(tokens):
+    """The rare token each modifier token starts from: <newK> from the K-th, in a joint run and in a run of its own
+    alike, and any other name from the first one no <newK> claims. The authors train each concept alone as <new1>
+    from "ktn" and rename it at the merge; in the shapes model a row moves 2 to 3% of its length in training, so two
+    concepts trained alone from one row came out as nearly one token (rows 0.19 apart, length 8.3), and their
+    merge drew the first concept twice (JOURNAL.md, session 29)."""
+    numbered = {t: int(t[4:-1]) for t in tokens if t.startswith("<new") and t.endswith(">") and t[4:-1].isdigit()}
+    own = {t: RARE_TOKENS[k - 1] for t, k in numbered.items() if 1 <= k <= len(RARE_TOKENS)}
+    free = iter([r for r in RARE_TOKENS if r not in own.values()])
+    starts = []
+    for t in tokens:
+        start = own[t] if t in own else next(free, None)
+        if start is None:
+            break  # fewer rare tokens than modifier tokens: Delta refuses, asking for init_from
+        starts.append(start)
+    return starts
 
 
 def check_free(sd):
@@ -87,7 +106,7 @@ class Delta:
     train_tokens = False  # do the modifier-token rows train by default?
     unsaved_options = ()  # options that are not part of the delta (where a cache lives)
 
-    def __init__(self, sd, tokens=(), init_from=RARE_TOKENS, train_tokens=None, **options):
+    def __init__(self, sd, tokens=(), init_from=None, train_tokens=None, **options):
         check_free(sd)
         wrap = inspect.signature(self._wrap).parameters
         unknown = [k for k in options if k not in wrap]
@@ -95,6 +114,7 @@ class Delta:
             raise NanocustomError(f"{self.method} has no option {unknown[0]!r}; its options are: "
                                   + ", ".join(["tokens", "init_from", "train_tokens", *wrap]))
         self.sd, self.tokens = sd, list(tokens)
+        init_from = rare_tokens_for(self.tokens) if init_from is None else init_from
         # The base's id stays sd's through fold(): later deltas made for the same base still load and compose
         # (residuals and spectral shifts add). A folded model saved and loaded again is a new base.
         self.base_fingerprint = sd.fingerprint = base_fingerprint(sd)

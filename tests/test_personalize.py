@@ -283,6 +283,19 @@ def test_a_second_delta_or_a_spent_one_is_refused(sd):
         delta.fold()
 
 
+def test_new_k_starts_from_the_kth_rare_token_in_a_run_of_its_own_too(sd):
+    """A concept trained alone as <new2> gets the row a joint run would give it (47629), not <new1>'s 42170: on the
+    shapes model two concepts started from one row stay nearly one token, and their merge drew one twice."""
+    base = sd.text_encoder.embeddings.token_embedding.weight.detach().clone()
+    for tokens, starts in [(["<new2>"], [47629]), (["<new3>", "<new1>"], [43514, 42170]),
+                           (["<sks>", "<new1>"], [47629, 42170]), (["<new1>", "<sks>"], [42170, 47629]),
+                           (["<new1>", "<new2>", "<sks>"], [42170, 47629, 43514]), (["<sks>"], [42170])]:
+        delta = attach(sd, "custom", tokens=tokens)
+        assert torch.equal(delta.embedding.rows, base[starts]), tokens
+        assert delta.metadata()["options"]["init_from"] == starts
+        delta.detach()
+
+
 def test_more_than_three_tokens_need_their_own_rare_tokens(sd):
     tokens = [f"<new{i}>" for i in range(1, 5)]
     delta = attach(sd, "custom", tokens=tokens, init_from=RARE_TOKENS + ["sks</w>"])
