@@ -4,7 +4,8 @@
                                                 #   drift of the class prompt; Custom Diffusion with and without
                                                 #   regularisation images (Kumari et al. Table 3)
     python -m nanocustom.endtoend compose       # two concepts: Lagrangian merge vs addition vs joint training
-                                                #   (Kumari et al. Table 7)
+                                                #   (Kumari et al. Table 7); the same for a control pair of
+                                                #   plain looks that the base model draws together
     python -m nanocustom.endtoend lag           # background preservation with and without LAG (Ham et al. §3.3),
                                                 #   for the concept's images and for it shot on one background
     python -m nanocustom.endtoend words         # the base model asked in words: each concept's look, the pair,
@@ -42,11 +43,16 @@ LAG_BACKGROUNDS = ("blue", "green", "black", "gray", "purple", "orange")
 def train(out, method, concepts, *flags, folders=None, seed=0):
     """python train.py --method METHOD --concept DIR --prompt "photo of a <newK> class" ... --seed SEED --out OUT;
     each concept's DIR is its shipped folder unless `folders` names another."""
+    pairs = [((folders or {}).get(name, toy.CONCEPTS_DIR / name), concept_prompt(name)) for name in concepts]
+    return train_on(out, method, pairs, *flags, seed=seed)
+
+
+def train_on(out, method, pairs, *flags, seed=0):
+    """train.py on (folder, prompt) pairs, one --concept/--prompt each."""
     argv = [sys.executable, str(REPO_ROOT / "train.py"), "--method", method, "--out", str(out), "--seed", str(seed),
             *map(str, flags)]
-    for name in concepts:
-        folder = (folders or {}).get(name, toy.CONCEPTS_DIR / name)
-        argv += ["--concept", str(folder), "--prompt", concept_prompt(name)]
+    for folder, prompt in pairs:
+        argv += ["--concept", str(folder), "--prompt", prompt]
     run = subprocess.run(argv, capture_output=True, text=True)
     if run.returncode != 0:
         raise RuntimeError(f"train.py failed ({run.returncode}): {run.stderr.strip().splitlines()[-1:]}")
@@ -124,18 +130,57 @@ def both_present(sd, n, prompt=None, **options):
             B: toy.concept_presence(images, B)}
 
 
-def compose(work, n, quick, steps, seed):
-    short = ["--steps", 20] if quick else []
-    paths = [train(work / f"{name}.safetensors", "custom", [name], *short, seed=seed) for name in (A, B)]
+# The control: two looks the base model draws side by side when asked in words, taught as concepts from six
+# renders each. What the merge keeps of a pair that the base model can draw (the held-out pair it cannot).
+CONTROL = {"red square": ("square", "red"), "blue circle": ("circle", "blue")}
+
+
+def control_present(sd, n, prompt, **options):
+    """How often the control's two looks (plain, not patterned) appear together for `prompt`, and each alone."""
+    seen = toy.describe(samples(sd, prompt, n, seed=3, **options))
+    found = np.array([[any((o.shape, o.colour, o.pattern, o.concept) == (*look, None, None) for o in s.objects)
+                       for look in CONTROL.values()] for s in seen])
+    return {"both": float(found.all(1).mean()), **{k: float(v) for k, v in zip(CONTROL, found.mean(0))}}
+
+
+def merge_add_joint(paths, joint, score):
+    """score(sd) for the deltas `paths` merged by Eq. 5 and added, and for the jointly trained delta `joint`."""
     results = {}
     for how in ("lagrangian", "add"):
         sd = load()
         combine(sd, paths, how=how, log=lambda *_: None)
-        results[f"{how} merge"] = both_present(sd, n, steps=steps)
+        results[f"{how} merge"] = score(sd)
     sd = load()
-    load_delta(sd, train(work / "joint.safetensors", "custom", [A, B], *short, seed=seed))
-    results["joint training"] = both_present(sd, n, steps=steps)
+    load_delta(sd, joint)
+    results["joint training"] = score(sd)
     return results
+
+
+def compose(work, n, quick, steps, seed):
+    short = ["--steps", 20] if quick else []
+    paths = [train(work / f"{name}.safetensors", "custom", [name], *short, seed=seed) for name in (A, B)]
+    joint = train(work / "joint.safetensors", "custom", [A, B], *short, seed=seed)
+    results = merge_add_joint(paths, joint, lambda sd: both_present(sd, n, steps=steps))
+    results["control: a pair the base model draws"] = control(work, n, short, steps, seed)
+    return results
+
+
+def control(work, n, short, steps, seed):
+    """The compose experiment on CONTROL: each look as <newK> from six renders, the base model asked in words."""
+    pairs = []  # (folder, training prompt) per look
+    for k, (look, (shape, colour)) in enumerate(CONTROL.items()):
+        folder = work / look.replace(" ", "_")
+        folder.mkdir()
+        for i, image in enumerate(toy.render_prompt(f"a {colour} {shape}", 6, seed=[13, k])):
+            Image.fromarray(image).save(folder / f"{i:02d}.png")
+        pairs.append((folder, f"photo of a <new{k + 1}> {shape}"))
+    (s1, c1), (s2, c2) = CONTROL.values()
+    results = {"in words": control_present(load(), n, f"photo of a {c1} {s1} and a {c2} {s2}", steps=steps)}
+    paths = [train_on(work / f"control{k}.safetensors", "custom", [pair], *short, seed=seed)
+             for k, pair in enumerate(pairs)]
+    joint = train_on(work / "control-joint.safetensors", "custom", pairs, *short, seed=seed)
+    prompt = f"photo of a <new1> {s1} and a <new2> {s2}"
+    return {**results, **merge_add_joint(paths, joint, lambda sd: control_present(sd, n, prompt, steps=steps))}
 
 
 def in_words(name):
