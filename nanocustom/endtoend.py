@@ -166,7 +166,8 @@ def compose(work, n, quick, steps, seed):
 
 
 def control(work, n, short, steps, seed):
-    """The compose experiment on CONTROL: each look as <newK> from six renders, the base model asked in words."""
+    """The compose experiment on CONTROL (each look as <newK> from six renders; the base model asked in words),
+    and the same pair for SVDiff and the residuals, each concept trained alone and the two combined."""
     pairs = []  # (folder, training prompt) per look
     for k, (look, (shape, colour)) in enumerate(CONTROL.items()):
         folder = work / look.replace(" ", "_")
@@ -180,7 +181,18 @@ def control(work, n, short, steps, seed):
              for k, pair in enumerate(pairs)]
     joint = train_on(work / "control-joint.safetensors", "custom", pairs, *short, seed=seed)
     prompt = f"photo of a <new1> {s1} and a <new2> {s2}"
-    return {**results, **merge_add_joint(paths, joint, lambda sd: control_present(sd, n, prompt, steps=steps))}
+    results.update(merge_add_joint(paths, joint, lambda sd: control_present(sd, n, prompt, steps=steps)))
+    # the other methods' combinations: spectral shifts added (Han et al. Eq. 4), residuals summed (Ham et al.
+    # §3.2; their token rows trained, as the residuals learn best on the shapes model), also under LAG
+    for method, flags in (("svdiff", []), ("residual", ["--train-tokens"])):
+        paths = [train_on(work / f"control-{method}{k}.safetensors", method, [pair], *flags, *short, seed=seed)
+                 for k, pair in enumerate(pairs)]
+        sd = load()
+        combine(sd, paths, log=lambda *_: None)
+        results[f"{method} combined"] = control_present(sd, n, prompt, steps=steps)
+    results["residual combined, LAG + base unconditional"] = control_present(sd, n, prompt, steps=steps, lag=True,
+                                                                             base_unconditional=True)
+    return results
 
 
 def in_words(name):

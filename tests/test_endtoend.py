@@ -28,7 +28,8 @@ def test_every_experiment_runs_end_to_end_and_scores_fractions(tmp_path):
     assert list(results["compose"]) == ["lagrangian merge", "add merge", "joint training",
                                         "control: a pair the base model draws"]
     control = results["compose"]["control: a pair the base model draws"]
-    assert list(control) == ["in words", "lagrangian merge", "add merge", "joint training"]
+    assert list(control) == ["in words", "lagrangian merge", "add merge", "joint training", "svdiff combined",
+                             "residual combined", "residual combined, LAG + base unconditional"]
     assert all(list(r) == ["both", "red square", "blue circle"] for r in control.values())
     assert list(results["lag"]) == ["varied backgrounds", "one background (yellow)"]
     assert all(list(r) == ["blue", "green", "black"] for r in results["lag"].values())
@@ -36,7 +37,7 @@ def test_every_experiment_runs_end_to_end_and_scores_fractions(tmp_path):
     assert list(results["words"]) == ["concepts in words", "the pair in words", "two patterned objects"]
     assert list(results["words"]["concepts in words"]) == list(endtoend.toy.CONCEPTS)
     values = list(fractions(results))
-    assert len(values) == 2 + 9 * 3 + 3 * 3 + 4 * 3 + 2 * 3 * 2 + 4 + 3 + 2
+    assert len(values) == 2 + 9 * 3 + 3 * 3 + 7 * 3 + 2 * 3 * 2 + 4 + 3 + 2
     assert all(0.0 <= v <= 1.0 and not math.isnan(v) for v in values)
     written = json.loads((tmp_path / "e2e.json").read_text())
     assert written.pop("protocol") == {"images per prompt": 4, "DDIM steps": 10, "guidance": 6.0,
