@@ -190,8 +190,9 @@ def control(work, n, short, steps, seed):
         sd = load()
         combine(sd, paths, log=lambda *_: None)
         results[f"{method} combined"] = control_present(sd, n, prompt, steps=steps)
-    results["residual combined, LAG + base unconditional"] = control_present(sd, n, prompt, steps=steps, lag=True,
-                                                                             base_unconditional=True)
+        if method == "residual":
+            results["residual combined, LAG + base unconditional"] = control_present(
+                sd, n, prompt, steps=steps, lag=True, base_unconditional=True)
     return results
 
 
