@@ -60,8 +60,8 @@ TEXT_CONFIG = CLIPTextConfig(hidden_size=64, intermediate_size=256, num_hidden_l
                              causal=False)
 P_UNCOND = 0.1  # fraction of captions replaced by "" (classifier-free guidance)
 ZERO_SNR = dict(zero_terminal_snr=True, spacing="trailing")  # stage 3's schedule; see train_diffusion
-# The one command's steps: its session-20 run met the quality targets in 94 min on 2 CPU cores, session 28's
-# in 99.5 min (README);
+# The one command's steps: its runs met the quality targets on 2 CPU cores in 94 min (session 20), 99.5 min
+# (session 28) and 77 min (session 30): the time is the machine's (README);
 # 3,000 + 3,000 fell short (single-object 78.1%, session 21), and so did 50 whole-image VAE steps, 450 parse steps
 # and 4,000 stage-3 scenes (79.7%, session 22).
 VAE_STEPS, VAE_CROP, VAE_FULL_STEPS = 2000, 32, 100  # stage 1's, of 8 images: 32 x 32 crops but the last 100
